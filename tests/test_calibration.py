@@ -1,0 +1,293 @@
+"""Checks of simcal.calibration on the demo detector structure at a tiny size and the embedded synthetic set:
+proposal-level sampling and batch composition, the 3fc_ft copy, dual-head inference (against the real predictor),
+the T sweep from two runs, 2-process calibration under torchrun (gloo) with exact resume, and bad input.
+
+Every detector here has random weights: the checks are about mechanics, not accuracy (see the repro notebooks).
+"""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from simcal.calibration import (CALIBRATION_FILE, LOG_FILE, DualHeadPredictor, attach_calibration, build_calibration_head,
+                                calibrate, combine_dual_results, compose_calibration_batch, detach_calibration,
+                                detections_to_records, dual_head_scores, load_calibration, set_dual_mode,
+                                train_proposal_counts)
+from simcal.cli import main as cli_main
+from simcal.core import InputError, PROTOCOLS, save_json
+from simcal.data import load_detection_dataset
+from simcal.model import PRESETS, build_mask_rcnn
+from simcal.sampler import BiLevelSampler
+from simcal.train import load_detector, make_meta, save_checkpoint
+
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+# the demo preset's structure at a size that runs in seconds; train/test proposal counts differ on purpose
+TINY = dict(fpn_channels=16, box_head_dim=32, mask_head_convs=1, mask_head_channels=16, min_size=64, max_size=64,
+            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=100,
+            rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=32, box_batch_size_per_image=32)
+T_SYNTH = PROTOCOLS['synth'].dual_threshold
+
+
+@pytest.fixture(scope='module')
+def synth(tmp_path_factory):
+    "The embedded synthetic set (a small instance of it): (train_ann, train_images, val_ann, val_images)."
+    import importlib.util
+    if importlib.util.find_spec('simcal.synth'):
+        from simcal.synth import make_synthetic
+        p = make_synthetic(tmp_path_factory.mktemp('synth'), seed=0)
+        return p['train_ann'], p['train_images'], p['val_ann'], p['val_images']
+    return _toy(tmp_path_factory.mktemp('toy'))
+
+def _toy(root):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    out = []
+    for split, n in (('train', 40), ('val', 6)):
+        (root / split).mkdir()
+        images, anns = [], []
+        for i in range(n):
+            arr = np.full((64, 64, 3), 20, np.uint8)
+            for _ in range(3):
+                c = int(min(rng.zipf(1.6), 12))
+                bw, bh = int(rng.integers(10, 30)), int(rng.integers(10, 30))
+                x, y = int(rng.integers(0, 64 - bw)), int(rng.integers(0, 64 - bh))
+                arr[y:y + bh, x:x + bw] = (20 * c, 255 - 20 * c, (70 * c) % 255)
+                anns.append({'id': len(anns) + 1, 'image_id': i + 1, 'category_id': c, 'bbox': [x, y, bw, bh], 'area': bw * bh,
+                             'segmentation': [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]})
+            Image.fromarray(arr).save(root / split / f'{i}.png')
+            images.append({'id': i + 1, 'file_name': f'{i}.png', 'height': 64, 'width': 64, 'neg_category_ids': [],
+                           'not_exhaustive_category_ids': []})
+        cats = [{'id': c, 'name': f'c{c}', 'frequency': 'f'} for c in range(1, 13)]
+        save_json({'images': images, 'annotations': anns, 'categories': cats}, root / f'{split}.json')
+        out += [root / f'{split}.json', root / split]
+    return tuple(out)
+
+
+@pytest.fixture(scope='module')
+def train_set(synth):
+    return load_detection_dataset(synth[0], synth[1], train=True)
+
+
+def tiny_detector(num_classes, seed=0, **extra):
+    preset = PRESETS['demo'].replace(**{**TINY, **extra})
+    torch.manual_seed(seed)
+    return build_mask_rcnn(num_classes, **preset.model_kwargs()).eval(), preset
+
+
+@pytest.fixture(scope='module')
+def detector_ckpt(train_set, tmp_path_factory):
+    "A tiny demo-structure detector with random weights, saved as `simcal train` would."
+    model, preset = tiny_detector(train_set.label_map.num_classes)
+    path = tmp_path_factory.mktemp('det') / 'model_final.pth'
+    save_checkpoint(path, model, make_meta(preset, train_set.label_map, stats=train_set.stats))
+    return path
+
+
+@pytest.fixture(scope='module')
+def detector(detector_ckpt):
+    return load_detector(detector_ckpt)[0]
+
+
+def drawn_batch(ds, iteration=0, seed=0, n=8):
+    s = BiLevelSampler(ds.class_to_indices(), classes_per_iter=n, seed=seed)
+    draws = s.draws(iteration)
+    items = [ds[i] for _, i in draws]
+    return [x[0] for x in items], [x[1] for x in items], [l for l, _ in draws]
+
+
+def test_rpn_uses_training_counts_in_eval_mode(detector, train_set):
+    images, _, _ = drawn_batch(train_set)
+    il, _ = detector.transform(images)
+    feats = detector.backbone(il.tensors)
+    with torch.no_grad():
+        test_props, _ = detector.rpn(il, feats)
+        with train_proposal_counts(detector.rpn):
+            train_props, _ = detector.rpn(il, feats)
+            assert not detector.rpn.training
+    assert max(len(p) for p in test_props) <= 50
+    assert max(len(p) for p in train_props) > 50 and max(len(p) for p in train_props) <= 150
+    assert detector.rpn.post_nms_top_n() == 50   # restored
+
+
+@pytest.mark.parametrize('floor', [0.0, 0.1])
+def test_batch_composition(detector, train_set, floor):
+    images, targets, drawn = drawn_batch(train_set, iteration=3)
+    n_bg_low = 0
+    for it in range(3):
+        images, targets, drawn = drawn_batch(train_set, iteration=it)
+        b = compose_calibration_batch(detector, images, targets, list(range(len(images))), drawn, len(images), seed=1,
+                                      iteration=it, rois_per_image=64, positive_fraction=0.25, neg_iou_floor=floor)
+        assert b['num_fg'] > 0 and b['num_fg'] == b['num_bg']                  # fg:bg = 1:1 over the batch
+        assert b['features'].shape == (2 * b['num_fg'], 16, 7, 7)
+        assert len(b['labels']) == 2 * b['num_fg']
+        for rois, labels, gt, gl, c in zip(b['rois'], b['roi_labels'], b['gt_boxes'], b['gt_labels'], drawn):
+            assert set(labels.tolist()) <= {0, c}                              # only the drawn class's foreground
+            iou = box_iou(rois, gt)
+            fg = labels == c
+            assert (iou[fg][:, gl == c].max(1).values >= 0.5).all()
+            neg_iou = iou[~fg].max(1).values
+            assert (neg_iou < 0.5).all()
+            if floor: assert (neg_iou >= floor).all()
+            n_bg_low += int((neg_iou < 0.1).sum())
+    if floor == 0.0: assert n_bg_low > 0   # without the floor, low-overlap negatives are used (the floor matters)
+    assert detector.roi_heads.neg_iou_floor == 0.1 and detector.roi_heads.fg_bg_sampler.batch_size_per_image == 32
+
+
+def test_3fc_ft_starts_from_the_detector(detector, train_set):
+    images, targets, drawn = drawn_batch(train_set)
+    b = compose_calibration_batch(detector, images, targets, list(range(8)), drawn, 8, seed=0, iteration=0)
+    head = build_calibration_head(detector, '3fc_ft')
+    with torch.no_grad():
+        ours = head(b['features'])
+        theirs = detector.roi_heads.box_predictor(detector.roi_heads.box_head(b['features']))[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    assert head.fc6.weight.data_ptr() != detector.roi_heads.box_head.fc6.weight.data_ptr()
+
+
+def cal_checkpoint(model, ds, kind='3fc_rand', seed=5):
+    torch.manual_seed(seed)
+    head = build_calibration_head(model, kind)
+    ids = list(ds.label_map.category_ids)
+    counts = [0] + [ds.stats.instance_counts[c] for c in ids]
+    return {'format': 'simcal-calibration-head', 'kind': kind, 'num_classes': head.num_classes,
+            'feature_shape': list(head.feature_shape), 'hidden': head.hidden, 'head': head.state_dict(),
+            'category_ids': ids, 'instance_counts': counts, 'dual_threshold': T_SYNTH, 'iteration': 0}
+
+
+def test_dual_predictor_columns(detector, train_set):
+    ck = cal_checkpoint(detector, train_set)
+    counts = torch.tensor(ck['instance_counts'])
+    rare = torch.where(counts[1:] < T_SYNTH)[0] + 1
+    common = torch.where(counts[1:] >= T_SYNTH)[0] + 1
+    assert len(rare) and len(common)   # the synthetic set has both sides of T
+    images, targets, drawn = drawn_batch(train_set)
+    feats = compose_calibration_batch(detector, images, targets, list(range(8)), drawn, 8, seed=0, iteration=0)['features']
+    with torch.no_grad():
+        p_o = torch.softmax(detector.roi_heads.box_predictor(detector.roi_heads.box_head(feats))[0], -1)
+        head = build_calibration_head(detector, ck['kind']); head.load_state_dict(ck['head'])
+        p_c = torch.softmax(head(feats), -1)
+        try:
+            attach_calibration(detector, ck, mode='dual')
+            rh = detector.roi_heads
+            assert isinstance(rh.box_predictor, DualHeadPredictor) and rh.box_predictor.threshold == T_SYNTH
+            logp, deltas = rh.box_predictor(rh.box_head(feats))
+        finally:
+            detach_calibration(detector)
+    p = logp.exp()
+    torch.testing.assert_close(p[:, common], p_o[:, common], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(p[:, rare], p_c[:, rare], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(p[:, 0], p_o[:, 0], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(p_o[:, rare], p_c[:, rare], atol=1e-3)
+    # the pure function agrees, and the columns do not sum to one (no renormalisation)
+    torch.testing.assert_close(dual_head_scores(p_o, p_c, counts, 'dual', T_SYNTH), p, atol=1e-6, rtol=1e-5)
+    assert (p.sum(1) - 1).abs().max() > 1e-3
+    assert type(detector.roi_heads.box_predictor).__name__ == 'AgnosticBoxPredictor'
+
+
+def test_combine_equals_real_dual_inference(detector, train_set, synth):
+    val = load_detection_dataset(synth[2], synth[3], train=False, label_map=train_set.label_map)
+    images = [val[i][0] for i in range(3)]
+    ids = [val[i][1]['image_id'] for i in range(3)]
+    cat = [None] + list(train_set.label_map.category_ids)
+    ck = cal_checkpoint(detector, train_set, seed=7)
+    counts = dict(zip(ck['category_ids'], ck['instance_counts'][1:]))
+
+    def run(mode, T=None, max_dets=300):
+        detector.roi_heads.detections_per_img = max_dets
+        set_dual_mode(detector, mode, T)
+        with torch.no_grad(): return detections_to_records(detector(images), ids, cat)
+
+    saved = detector.roi_heads.detections_per_img
+    attach_calibration(detector, ck, mode='orig')
+    try:
+        orig_all, cal_all = run('orig', max_dets=10 ** 7), run('cal', max_dets=10 ** 7)
+        assert len(orig_all) > 300 * 3   # uncapped runs keep more than the cap
+        for T in (2, T_SYNTH, 64, 10 ** 9):
+            for cap in (300, 50):
+                real = run('dual', T, cap)
+                comb = combine_dual_results(orig_all, cal_all, counts, T, cap)
+                key = lambda r: (r['image_id'], -r['score'], r['category_id'], r['bbox'])
+                real, comb = sorted(real, key=key), sorted(comb, key=key)
+                assert len(real) == len(comb) == 3 * cap
+                for a, b in zip(real, comb):
+                    assert (a['image_id'], a['category_id']) == (b['image_id'], b['category_id'])
+                    assert a['score'] == pytest.approx(b['score'], abs=1e-7)
+                    np.testing.assert_allclose(a['bbox'], b['bbox'], atol=1e-3)
+    finally:
+        detach_calibration(detector); detector.roi_heads.detections_per_img = saved
+
+
+def torchrun(args, nproc=2, timeout=240):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={nproc}',
+           '-m', 'simcal.cli'] + [str(a) for a in args]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def test_torchrun_calibration_and_exact_resume(synth, detector_ckpt, train_set, tmp_path):
+    common = ['calibrate', '--detector', detector_ckpt, '--train-ann', synth[0], '--image-root', synth[1],
+              '--head', '3fc_ft', '--lr', 0.05, '--lr-steps', 4, 5, '--rois-per-image', 64, '--seed', 3,
+              '--no-progress', '--checkpoint-every', 2]
+    p = torchrun(common + ['--out', tmp_path / 'full', '--iters', 6])
+    assert 'for 6 iterations' in p.stdout and '2 processes' in p.stdout
+    torchrun(common + ['--out', tmp_path / 'part', '--iters', 3])
+    torchrun(common + ['--out', tmp_path / 'part', '--iters', 6, '--resume'])
+    full, part = load_calibration(tmp_path / 'full' / CALIBRATION_FILE), load_calibration(tmp_path / 'part' / CALIBRATION_FILE)
+    assert full['iteration'] == part['iteration'] == 6 and full['world_size'] == 2
+    for k in full['head']: assert torch.equal(full['head'][k], part['head'][k]), k
+    log = [json.loads(l) for l in (tmp_path / 'full' / LOG_FILE).read_text().splitlines()]
+    assert [r['iter'] for r in log] == list(range(1, 7))
+    assert [r['lr'] for r in log] == pytest.approx([0.05] * 4 + [0.005, 0.0005])
+    assert all(r['fg'] == r['bg'] > 0 for r in log)
+    assert [r['iter'] for r in map(json.loads, (tmp_path / 'part' / LOG_FILE).read_text().splitlines())] == list(range(1, 7))
+    # what it recorded about the detector and the data
+    assert full['detector']['checkpoint'] == str(detector_ckpt) and len(full['detector']['sha256']) == 64
+    assert full['category_ids'] == list(train_set.label_map.category_ids)
+    assert full['dual_threshold'] == T_SYNTH and full['config']['neg_iou_floor'] == 0.1
+    # one process computes the same global batches: the head ends (numerically) where the 2-process run did
+    model = load_detector(detector_ckpt)[0]
+    one = calibrate(model, train_set, tmp_path / 'one', head='3fc_ft', iters=6, lr=0.05, lr_steps=[4, 5],
+                    rois_per_image=64, seed=3, progress=False)
+    for k in full['head']: torch.testing.assert_close(one['head'][k], full['head'][k], atol=1e-5, rtol=1e-4)
+    # the calibrated head plugs into `simcal test`
+    out = tmp_path / 'test'
+    args = ['test', '--checkpoint', detector_ckpt, '--ann', synth[2], '--image-root', synth[3], '--out', out,
+            '--cal-head', tmp_path / 'full' / CALIBRATION_FILE, '--mode', 'dual', '--no-eval', '--no-progress', '--num-workers', 0]
+    assert cli_main([str(a) for a in args]) == 0
+    res = json.loads((out / 'results.json').read_text())
+    assert len(res) > 0 and set(r['category_id'] for r in res) <= set(full['category_ids'])
+
+
+def test_bad_input(detector, train_set, synth, detector_ckpt, tmp_path, capsys):
+    ck = cal_checkpoint(detector, train_set)
+    other, _ = tiny_detector(train_set.label_map.num_classes + 3)
+    with pytest.raises(InputError, match='num_classes'): attach_calibration(other, ck)
+    narrow, _ = tiny_detector(train_set.label_map.num_classes, fpn_channels=8)
+    with pytest.raises(InputError, match='feature_shape'): attach_calibration(narrow, ck)
+    wrong_ids = {c + 1000: n for c, n in train_set.stats.instance_counts.items()}
+    with pytest.raises(InputError, match='another dataset'): attach_calibration(detector, ck, instance_counts=wrong_ids)
+    with pytest.raises(InputError, match='another dataset'):
+        attach_calibration(detector, ck, category_ids=[c + 1 for c in ck['category_ids']])
+    assert type(detector.roi_heads.box_predictor).__name__ == 'AgnosticBoxPredictor'
+    # files: missing, not a checkpoint, a detector checkpoint instead of a head
+    with pytest.raises(InputError, match='not found'): attach_calibration(detector, tmp_path / 'nope.pt')
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(InputError, match='junk.pt'): load_calibration(tmp_path / 'junk.pt')
+    with pytest.raises(InputError, match='format'): load_calibration(detector_ckpt)
+    # calibrating a detector on a dataset with other categories: a one-line error, exit code 2
+    data = json.loads(Path(synth[0]).read_text())
+    for c in data['categories']: c['id'] += 1000
+    for a in data['annotations']: a['category_id'] += 1000
+    save_json(data, tmp_path / 'other.json')
+    rc = cli_main(['calibrate', '--detector', str(detector_ckpt), '--train-ann', str(tmp_path / 'other.json'),
+                   '--image-root', str(synth[1]), '--out', str(tmp_path / 'cal'), '--iters', '1', '--no-progress'])
+    err = capsys.readouterr().err
+    assert rc == 2 and 'other.json' in err and 'categories' in err
+    # resuming with other settings
+    opts = dict(iters=1, rois_per_image=32, progress=False)
+    calibrate(detector, train_set, tmp_path / 'r', seed=0, **opts)
+    with pytest.raises(InputError, match='seed'): calibrate(detector, train_set, tmp_path / 'r', seed=1, resume=True, **{**opts, 'iters': 2})
