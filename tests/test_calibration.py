@@ -34,36 +34,10 @@ T_SYNTH = PROTOCOLS['synth'].dual_threshold
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):
     "The embedded synthetic set (a small instance of it): (train_ann, train_images, val_ann, val_images)."
-    import importlib.util
-    if importlib.util.find_spec('simcal.synth'):
-        from simcal.synth import make_synthetic
-        p = make_synthetic(tmp_path_factory.mktemp('synth'), seed=0)
-        return p['train_ann'], p['train_images'], p['val_ann'], p['val_images']
-    return _toy(tmp_path_factory.mktemp('toy'))
-
-def _toy(root):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    out = []
-    for split, n in (('train', 40), ('val', 6)):
-        (root / split).mkdir()
-        images, anns = [], []
-        for i in range(n):
-            arr = np.full((64, 64, 3), 20, np.uint8)
-            for _ in range(3):
-                c = int(min(rng.zipf(1.6), 12))
-                bw, bh = int(rng.integers(10, 30)), int(rng.integers(10, 30))
-                x, y = int(rng.integers(0, 64 - bw)), int(rng.integers(0, 64 - bh))
-                arr[y:y + bh, x:x + bw] = (20 * c, 255 - 20 * c, (70 * c) % 255)
-                anns.append({'id': len(anns) + 1, 'image_id': i + 1, 'category_id': c, 'bbox': [x, y, bw, bh], 'area': bw * bh,
-                             'segmentation': [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]})
-            Image.fromarray(arr).save(root / split / f'{i}.png')
-            images.append({'id': i + 1, 'file_name': f'{i}.png', 'height': 64, 'width': 64, 'neg_category_ids': [],
-                           'not_exhaustive_category_ids': []})
-        cats = [{'id': c, 'name': f'c{c}', 'frequency': 'f'} for c in range(1, 13)]
-        save_json({'images': images, 'annotations': anns, 'categories': cats}, root / f'{split}.json')
-        out += [root / f'{split}.json', root / split]
-    return tuple(out)
+    from simcal.synth import make_synthetic
+    p = make_synthetic(tmp_path_factory.mktemp('synth') / 'set', seed=0, num_classes=40, num_train=200, num_val=30,
+                       image_size=64, progress=False)
+    return p.train_ann, p.train_images, p.val_ann, p.val_images
 
 
 @pytest.fixture(scope='module')
