@@ -38,8 +38,9 @@ def _random_boxes(rng, k, w, h):
 
 
 def make_lvis_longtail(out_dir, n_images=2000, dets_per_image=300, seed=0):
-    """Write `gt.json` and `results.json` to `out_dir`: LVIS v0.5 categories with the real long tail, and detections
-    carrying both a box and an RLE mask (one results file for bbox and segm, as detectors write it)."""
+    """Write `gt.json`, `bbox_results.json` and `segm_results.json` to `out_dir`: LVIS v0.5 categories with the real
+    long tail; the results files as the paper's code (mmdetection v1, `results2json`) writes them: boxes in one, the
+    same detections' compressed RLE masks (without boxes) in the other."""
     from pycocotools import mask as mask_utils
     from simcal.core import table_path
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,7 @@ def make_lvis_longtail(out_dir, n_images=2000, dets_per_image=300, seed=0):
     p_cat = np.array([r['instance_count'] for r in table], float); p_cat /= p_cat.sum()
     categories = [{k: r[k] for k in ('id', 'name', 'frequency', 'synset', 'image_count', 'instance_count')}
                   for r in table]
-    images, annotations, results = [], [], []
+    images, annotations, bbox_results, segm_results = [], [], [], []
     for i in range(n_images):
         img_id = i + 1
         h, w = int(rng.integers(360, 641)), int(rng.integers(360, 641))
@@ -86,15 +87,15 @@ def make_lvis_longtail(out_dir, n_images=2000, dets_per_image=300, seed=0):
         x1 = np.clip(dets_box[:, 0] + dets_box[:, 2], 0, w); y1 = np.clip(dets_box[:, 1] + dets_box[:, 3], 0, h)
         rles = mask_utils.frPyObjects(dets_poly, h, w)
         for j, rle in enumerate(rles):
-            results.append({'image_id': img_id, 'category_id': int(dets_cat[j]),
-                            'bbox': [round(float(x0[j]), 2), round(float(y0[j]), 2), round(float(x1[j] - x0[j]), 2),
-                                     round(float(y1[j] - y0[j]), 2)],
-                            'score': float(dets_score[j]),
-                            'segmentation': {'size': rle['size'], 'counts': rle['counts'].decode()}})
+            bbox_results.append({'image_id': img_id, 'category_id': int(dets_cat[j]),
+                                 'bbox': [round(float(x0[j]), 2), round(float(y0[j]), 2), round(float(x1[j] - x0[j]), 2),
+                                          round(float(y1[j] - y0[j]), 2)], 'score': float(dets_score[j])})
+            segm_results.append({'image_id': img_id, 'category_id': int(dets_cat[j]), 'score': float(dets_score[j]),
+                                 'segmentation': {'size': rle['size'], 'counts': rle['counts'].decode()}})
     gt = {'info': {'description': 'LVIS-shaped benchmark set (synthetic)'}, 'licenses': [],
           'images': images, 'annotations': annotations, 'categories': categories}
-    paths = {'gt': out_dir / 'gt.json', 'results': out_dir / 'results.json'}
-    for key, obj in (('gt', gt), ('results', results)):
+    paths = {'gt': out_dir / 'gt.json', 'bbox': out_dir / 'bbox_results.json', 'segm': out_dir / 'segm_results.json'}
+    for key, obj in (('gt', gt), ('bbox', bbox_results), ('segm', segm_results)):
         with open(paths[key], 'w') as f: json.dump(obj, f)
     return paths
 
@@ -164,17 +165,18 @@ def main(argv=None):
     tmp = None
     if args.data_dir is None: tmp = tempfile.TemporaryDirectory(); data_dir = Path(tmp.name)
     else: data_dir = Path(args.data_dir) / f'lvis_longtail_{args.images}x{args.dets}_s{args.seed}'
-    paths = {'gt': data_dir / 'gt.json', 'results': data_dir / 'results.json'}
+    paths = {'gt': data_dir / 'gt.json', 'bbox': data_dir / 'bbox_results.json', 'segm': data_dir / 'segm_results.json'}
     if not all(p.exists() for p in paths.values()):
         t0 = time.perf_counter()
         paths = make_lvis_longtail(data_dir, args.images, args.dets, args.seed)
         print(f"generated {args.images} images x {args.dets} detections in {time.perf_counter() - t0:.0f} s "
-              f"({paths['results'].stat().st_size / 2**20:.0f} MiB of results)", flush=True)
+              f"(results: {paths['bbox'].stat().st_size / 2**20:.0f} MiB boxes, "
+              f"{paths['segm'].stat().st_size / 2**20:.0f} MiB masks)", flush=True)
     rows = []
     for iou_type in args.iou_types:
         reps = {}
         for engine in args.engines:
-            reps[engine] = run_one(engine, paths['gt'], paths['results'], iou_type)
+            reps[engine] = run_one(engine, paths['gt'], paths[iou_type], iou_type)
             r = reps[engine]
             print(f"  {iou_type:<5} {engine:<17} {r['seconds']:8.2f} s  cpu {r['cpu_seconds']:8.2f} s  "
                   f"peak {r['peak_bytes'] / 2**20:7.0f} MiB  AP {r['metrics']['AP']:.6f}", flush=True)
