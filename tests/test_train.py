@@ -95,6 +95,17 @@ def test_torchrun_two_processes_gloo(toy, tmp_path):
     assert meta['num_classes'] == 4
     # the final model moved away from the iteration-2 checkpoint (training happened on both ranks' data)
     assert states_equal(ck['model'], model.state_dict())
+    # distributed inference: each rank takes every other image, rank 0 gathers; same detections as one process
+    torchrun(['-m', 'simcal.cli', 'test', '--checkpoint', out / 'model_final.pth', '--ann', ann, '--image-root', root,
+              '--out', out / 'test', '--num-workers', 0, '--no-progress', '--no-eval', '--max-dets', 20])
+    dist_res = json.loads((out / 'test' / 'results.json').read_text())
+    torch.set_num_threads(1)
+    one = run_inference(model, load_detection_dataset(ann, root, label_map=None), max_dets=20, progress=False)
+    assert len(dist_res) == len(one) == 20 * 8
+    assert [r['image_id'] for r in dist_res] == [r['image_id'] for r in one]
+    for a, b in zip(dist_res, one):
+        assert a['category_id'] == b['category_id'] and a['score'] == pytest.approx(b['score'], abs=1e-4)
+        assert a['bbox'] == pytest.approx(b['bbox'], abs=0.05)
 
 
 # A worker that computes one DDP step's gradients; the test compares them with one process on the same global batch.
