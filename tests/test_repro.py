@@ -1,0 +1,148 @@
+"""The reproduction notebooks, run as users run them: through papermill (`simcal repro`) with tiny parameters, and
+through a real Jupyter server on loopback (its kernel API, as JupyterLab does)."""
+import json, math, struct
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from simcal.cli import main
+from simcal.core import PROTOCOLS
+from simcal.repro import REPRO_NOTEBOOKS, find_notebooks, PAPER_LVIS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {'synth': {'num_classes': 12, 'num_train': 60, 'num_val': 24}, 'base_iters': 12, 'cal_iters': 4, 'T_values': [4],
+        'heads': ['2fc_rand', '3fc_ft'], 'step_fractions': [0.5], 'bin_bases': [3, 4], 'bin_counts': [2, 3]}
+
+
+def _params():
+    out = []
+    for k, v in TINY.items(): out += ['-p', k, json.dumps(v)]
+    return out
+
+
+@pytest.fixture(scope='module')
+def repro(tmp_path_factory):
+    "Run every reproduction notebook once with tiny parameters; returns (figures dir, work dir)."
+    d = tmp_path_factory.mktemp('repro')
+    rc = main(['repro', '--out', str(d / 'figures'), '--work-dir', str(d / 'runs'), *_params()])
+    assert rc == 0
+    return d / 'figures', d / 'runs'
+
+
+def _png_ok(path):
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == 'PNG' and im.size[0] > 300 and im.size[1] > 200
+        lo, hi = im.convert('L').getextrema()
+        assert hi - lo > 50, f'{path} is blank'
+
+
+def _check_bins(bins, protocol):
+    P = PROTOCOLS[protocol]
+    assert [(b['lo'], b['hi']) for b in bins] == [(lo, None if hi == math.inf else hi) for lo, hi in P.bins]
+    for b in bins:
+        assert b['AP'] is None or 0.0 <= b['AP'] <= 1.0
+        assert b['num_categories'] >= 0
+
+
+def test_executed_notebooks_kept(repro):
+    figs, _ = repro
+    for nb in REPRO_NOTEBOOKS:
+        data = json.loads((figs / 'notebooks' / nb).read_text())
+        code = [c for c in data['cells'] if c['cell_type'] == 'code']
+        assert all(c.get('execution_count') for c in code), f'{nb}: a cell did not run'
+        assert not any(o.get('output_type') == 'error' for c in code for o in c.get('outputs', []))
+        assert any('injected-parameters' in c['metadata'].get('tags', []) for c in data['cells'])
+
+
+def test_lvis_tables_and_figures(repro):
+    figs, _ = repro
+    for iou in ('bbox', 'segm'):
+        rows = json.loads((figs / f'lvis_mrcnn_table_{iou}.json').read_text())
+        assert [(r['setting'], r['source']) for r in rows] == [(s, src) for s in ('baseline', 'cal', 'cal+dual')
+                                                                for src in ('ours', 'paper')]
+        for r in rows:
+            for k in ('AP1', 'AP2', 'AP3', 'AP4', 'APr', 'APc', 'APf', 'AP', 'bAP'):
+                assert r[k] is None or 0.0 <= r[k] <= 100.0, (k, r)
+            if r['source'] == 'paper':
+                assert r['AP'] == PAPER_LVIS[(iou, 'r50-ag', r['setting'])]['AP']
+        fig = json.loads((figs / f'lvis_mrcnn_bins_{iou}.json').read_text())
+        assert set(fig) == {'baseline', 'cal', 'cal+dual'}
+        for m in fig.values():
+            _check_bins(m['bins'], 'synth')
+            defined = [b['AP'] for b in m['bins'] if b['AP'] is not None]
+            assert m['bAP'] == pytest.approx(sum(defined) / len(defined), abs=1e-12)
+        _png_ok(figs / f'lvis_mrcnn_bins_{iou}.png')
+        assert (figs / f'lvis_mrcnn_table_{iou}.md').read_text().count('\n') >= 7
+    s = json.loads((figs / 'lvis_mrcnn_summary.json').read_text())
+    assert s['dataset'] == 'synth' and len(s['findings']) == 2
+
+
+def test_coco_lt_tables_and_figures(repro):
+    figs, _ = repro
+    for iou in ('bbox', 'segm'):
+        rows = json.loads((figs / f'coco_lt_table_{iou}.json').read_text())
+        assert {r['source'] for r in rows} == {'ours', 'paper'} and 'eAP' in rows[0]
+        fig = json.loads((figs / f'coco_lt_bins_{iou}.json').read_text())
+        for m in fig.values(): _check_bins(m['bins'], 'synth_coco')
+        _png_ok(figs / f'coco_lt_bins_{iou}.png')
+
+
+def test_coco_lt_protocol_applied(repro):
+    "COCO-LT's rules: at most 100 detections per image, none at or below score 0.05."
+    _, runs = repro
+    res = json.loads((runs / 'test_synth_coco_dual' / 'results.json').read_text())
+    per_image = {}
+    for r in res:
+        per_image[r['image_id']] = per_image.get(r['image_id'], 0) + 1
+        assert r['score'] > 0.05
+    assert max(per_image.values()) <= 100
+
+
+def test_ablation_figures(repro):
+    figs, _ = repro
+    t = json.loads((figs / 'ablation_dual_threshold.json').read_text())
+    assert [r['T'] for r in t['ours']] == [0, 4, 16, 'inf']
+    assert len(t['paper']) == 21
+    heads = json.loads((figs / 'ablation_heads.json').read_text())
+    assert {(r['head'], r['source']) for r in heads} >= {('2fc_rand', 'ours'), ('3fc_ft', 'ours'), ('3fc_ft', 'paper')}
+    steps = json.loads((figs / 'ablation_calibration_steps.json').read_text())
+    assert [r['iters'] for r in steps['ours']] == [0, 2, 4]
+    bins = json.loads((figs / 'ablation_bins.json').read_text())
+    assert bins['lvis_v0.5_bin_sizes'][2] == [67, 298, 284, 181]
+    assert [r['f'] for r in bins['ours_f']] == [3, 4]
+    for name in ('ablation_dual_threshold', 'ablation_heads_bins', 'ablation_calibration_steps', 'ablation_bins'):
+        _png_ok(figs / f'{name}.png')
+
+
+def test_dual_equals_orig_and_cal_columns(repro):
+    "T=0 is the original head and T=inf the calibrated one: the sweep's end points are the orig and cal runs."
+    figs, runs = repro
+    t = {r['T']: r for r in json.loads((figs / 'ablation_dual_threshold.json').read_text())['ours']}
+    m = {mode: json.loads((runs / f'test_{mode}' / 'metrics.json').read_text())['segm'] for mode in ('orig', 'cal')}
+    assert t[0]['AP'] == pytest.approx(round(100 * m['orig']['AP'], 2))
+    assert t['inf']['AP'] == pytest.approx(round(100 * m['cal']['AP'], 2))
+
+
+def test_notebook_through_jupyter_server(repro, tmp_path):
+    "The LVIS notebook's cells, executed by a Jupyter server's kernel as JupyterLab would (reusing the checkpoints)."
+    from jupyter_kernel import JupyterServer
+    figs, runs = repro
+    nb = json.loads((find_notebooks(ROOT / 'nbs' / 'paper') / 'lvis_mrcnn.ipynb').read_text())
+    cells = [''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'code']
+    i = next(k for k, c in enumerate(c for c in nb['cells'] if c['cell_type'] == 'code')
+             if 'parameters' in c['metadata'].get('tags', []))
+    out_dir = tmp_path / 'figures'
+    inject = '\n'.join(f'{k} = {v!r}' for k, v in {**{k: TINY[k] for k in ('synth', 'base_iters', 'cal_iters')},
+                                                   'work_dir': str(runs), 'out_dir': str(out_dir)}.items())
+    cells = cells[:i + 1] + [inject] + cells[i + 1:]
+    with JupyterServer(ROOT) as server:
+        outputs = server.run_cells('nbs/paper/lvis_mrcnn.ipynb', cells, timeout=600)
+    text = ''.join(outputs)
+    assert 'reusing' in text                      # the papermill run's checkpoints and results were reused
+    s = json.loads((out_dir / 'lvis_mrcnn_summary.json').read_text())
+    ref = json.loads((figs / 'lvis_mrcnn_summary.json').read_text())
+    assert s['metrics'] == ref['metrics']
+    _png_ok(out_dir / 'lvis_mrcnn_bins_segm.png')
