@@ -6,8 +6,6 @@ VENV  := .venv
 BIN   := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
-# keep the two cores for the work, not for oversubscribed BLAS threads
-export OMP_NUM_THREADS ?= 2
 export MPLBACKEND ?= Agg
 
 .PHONY: install repro test test-nbs test-py check-sync bench clean
