@@ -25,35 +25,35 @@ def bench_training(ds, preset, iters, warmup, seed=0):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.002, momentum=preset.momentum, weight_decay=preset.weight_decay)
     sched = GroupedBatchSchedule(ds.image_sizes(), preset.images_per_gpu, seed=seed)
-    step_times, data_times = [], []
+    step_times, data_times, cpu_times = [], [], []
     for it in range(warmup + iters):
         t0 = time.perf_counter()
         images, targets = zip(*[ds[i] for i in sched.batch(it)])
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         loss, _ = forward_losses(model, list(images), list(targets), seed, it, 0, preset.hflip_prob)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(params, preset.grad_clip)
         opt.step()
-        t2 = time.perf_counter()
-        if it >= warmup: step_times.append(t2 - t1); data_times.append(t1 - t0)
-    return statistics.median(step_times), statistics.median(data_times), model
+        t2, c2 = time.perf_counter(), time.process_time()
+        if it >= warmup: step_times.append(t2 - t1); data_times.append(t1 - t0); cpu_times.append(c2 - c1)
+    return statistics.median(step_times), statistics.median(data_times), statistics.median(cpu_times), model
 
 
 def bench_inference(model, ds, n_images, batch_size=1):
     "Median seconds per image of inference with conversion to LVIS results (300 dets, masks as RLE)."
     from simcal.train import detections_to_results
     model.eval()
-    times, dets = [], 0
+    times, cpu, dets = [], [], 0
     idx = list(range(min(n_images + 2, len(ds))))
     with torch.no_grad():
         for k in range(0, len(idx), batch_size):
             items = [ds[i] for i in idx[k:k + batch_size]]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             outs = model([im for im, _ in items])
             res = [detections_to_results(o, t['image_id'], ds.label_map) for o, (_, t) in zip(outs, items)]
-            dt = time.perf_counter() - t0
-            if k >= 2: times.append(dt / len(items)); dets += sum(len(r) for r in res)
-    return statistics.median(times), dets / max(1, len(times) * batch_size)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if k >= 2: times.append(dt / len(items)); cpu.append(dc / len(items)); dets += sum(len(r) for r in res)
+    return statistics.median(times), statistics.median(cpu), dets / max(1, len(times) * batch_size)
 
 
 def main(argv=None):
@@ -82,14 +82,15 @@ def main(argv=None):
     print(f"demo preset{' with ' + json.dumps(overrides) if overrides else ''}: {preset.backbone}-FPN{preset.fpn_channels}, "
           f"{preset.min_size}px, batch {preset.images_per_gpu}; {len(train_ds)} train / {len(val_ds)} val images, "
           f"{len(train_ds.label_map)} classes; torch threads {args.threads}; load average {load_average():.2f}")
-    step, data_t, model = bench_training(train_ds, preset, args.iters, args.warmup)
-    infer, dets = bench_inference(model, val_ds, args.infer_images)
-    rows = [('training (fwd+bwd+step)', f'{step:.3f} s/iter', f'{preset.images_per_gpu / step:.2f}'),
-            ('  data loading', f'{data_t:.3f} s/batch', f'{preset.images_per_gpu / max(data_t, 1e-9):.1f}'),
-            ('inference (+ RLE results)', f'{infer:.3f} s/image', f'{1 / infer:.2f}')]
+    step, data_t, step_cpu, model = bench_training(train_ds, preset, args.iters, args.warmup)
+    infer, infer_cpu, dets = bench_inference(model, val_ds, args.infer_images)
+    rows = [('training (fwd+bwd+step)', f'{step:.3f} s/iter', f'{step_cpu:.3f}', f'{preset.images_per_gpu / step:.2f}'),
+            ('  data loading', f'{data_t:.3f} s/batch', '', f'{preset.images_per_gpu / max(data_t, 1e-9):.1f}'),
+            ('inference (+ RLE results)', f'{infer:.3f} s/image', f'{infer_cpu:.3f}', f'{1 / infer:.2f}')]
     w = max(len(r[0]) for r in rows)
-    print(f"\n{'':{w}}  {'time':>14}  {'images/s':>9}")
-    for r in rows: print(f'{r[0]:{w}}  {r[1]:>14}  {r[2]:>9}')
+    print(f"\n{'':{w}}  {'wall time':>14}  {'CPU s':>6}  {'images/s':>9}")
+    for r in rows: print(f'{r[0]:{w}}  {r[1]:>14}  {r[2]:>6}  {r[3]:>9}')
+    print('(CPU s: process CPU time of the step, all threads; with one thread the best guide to an idle machine)')
     print(f'(inference: {dets:.0f} detections per image with the untrained-to-briefly-trained model; '
           f'load average now {load_average():.2f})')
     if args.full:
@@ -105,7 +106,7 @@ def main(argv=None):
         m = json.loads(Path(test['metrics']).read_text())
         print(f"\ndemo base training: {res['iterations']} iterations in {t_train:.0f} s ({t_train / 60:.1f} min; "
               f"load average {load_average():.2f}); test on val: {t_test:.0f} s")
-        print(f"{'':6} {'AP':>6} {'AP50':>6} " + ' '.join(f"{b['bin'] if 'bin' in b else str(i):>10}" for i, b in enumerate(m['bbox']['bins'])) + f" {'bAP':>6}")
+        print(f"{'':6} {'AP':>6} {'AP50':>6} " + ' '.join(f"{b['label']:>10}" for b in m['bbox']['bins']) + f" {'bAP':>6}")
         for t in ('bbox', 'segm'):
             mm = m[t]
             print(f"{t:6} {100 * mm['AP']:6.1f} {100 * mm['AP50']:6.1f} "

@@ -165,10 +165,12 @@ def test_paper_model_trains_a_step(tmp_path):
     assert body.layer2[0].conv1.weight.grad is not None and body.layer2[0].conv1.weight.grad.abs().sum() > 0
     # inference keeps 300 detections per image at score threshold 0 (50 proposals x 1230 classes compete for them;
     # the paper's 1000 proposals make this step take a minute on a CPU)
+    # (boxes only here: 300 masks of the paper's 4x256 mask head cost half a minute on a CPU)
     model.eval()
     model.rpn._pre_nms_top_n['testing'] = model.rpn._post_nms_top_n['testing'] = 50
+    model.roi_heads.mask_roi_pool = None
     with torch.no_grad(): out = model(imgs)
-    assert [len(o['boxes']) for o in out] == [300, 300] and out[0]['masks'].shape[1:] == (1, 120, 150)
+    assert [len(o['boxes']) for o in out] == [300, 300]
     assert all(o['scores'].min() > 0 and o['labels'].min() >= 1 for o in out)
 
 
