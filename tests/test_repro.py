@@ -55,6 +55,7 @@ def test_executed_notebooks_kept(repro):
         assert all(c.get('execution_count') for c in code), f'{nb}: a cell did not run'
         assert not any(o.get('output_type') == 'error' for c in code for o in c.get('outputs', []))
         assert any('injected-parameters' in c['metadata'].get('tags', []) for c in data['cells'])
+        assert str(ROOT) not in (figs / 'notebooks' / nb).read_text()   # checkout paths are relative
 
 
 def test_lvis_tables_and_figures(repro):
