@@ -15,7 +15,7 @@ from simcal.data import (LabelMap, CategoryStats, COCODataset, LVISDataset, load
                          rebuild_coco_lt, segmentation_to_mask)
 from simcal.cli import main
 
-DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
+DATA = Path(__file__).resolve().parent / 'data'
 COCO_FILE = DATA / 'coco_val2014_100' / 'instances_val2014_100.json'
 
 

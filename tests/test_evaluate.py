@@ -11,7 +11,7 @@ from simcal.evaluate import (GroundTruth, LVIS_KEYS, COCO_KEYS, BinnedEvaluator,
                              format_summary, lvis_api_numpy_compat, plot_bin_ap, save_figure, bin_ap_table,
                              train_instance_counts, cap_detections)
 
-DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
+DATA = Path(__file__).resolve().parent / 'data'
 LVIS_HEADLINE = LVIS_KEYS + ('AR@300', 'ARs@300', 'ARm@300', 'ARl@300')
 TOL = 1e-9
 
