@@ -5,10 +5,10 @@ SHELL := /bin/bash
 VENV  := .venv
 BIN   := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
+JUPYTER_CFG := $(VENV)/etc/jupyter/jupyter_server_config.py
 export PATH := $(BIN):$(PATH)
-export MPLBACKEND ?= Agg
 
-.PHONY: install repro test test-nbs test-py check-sync bench clean
+.PHONY: install lab repro test test-nbs test-py check-sync bench bench-repro gpu-check clean
 
 install: $(STAMP)
 
@@ -17,7 +17,13 @@ $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (simcal)" >/dev/null
+	@# the kernel's display name is the one nbdev_clean writes into every notebook, so opening one changes nothing
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name python3 >/dev/null
+	@# Jupyter started from this environment cleans notebooks on save as nbdev_clean does (settings.ini: jupyter_hooks)
+	@mkdir -p $(dir $(JUPYTER_CFG))
+	@printf '%s\n' "def nbdev_clean_jupyter(**kwargs):" "    try: from nbdev.clean import clean_jupyter" \
+	  "    except ModuleNotFoundError: return" "    clean_jupyter(**kwargs)" "" \
+	  "c.ContentsManager.pre_save_hook = nbdev_clean_jupyter" > $(JUPYTER_CFG)
 	touch $@
 
 repro: $(STAMP)
@@ -39,5 +45,17 @@ test: check-sync test-nbs test-py
 bench: $(STAMP)
 	$(BIN)/python tests/bench_evaluator.py
 
+# the main job's time per step and per notebook, as a table (runs `simcal repro` into a fresh work folder)
+bench-repro: $(STAMP)
+	$(BIN)/python tests/bench_repro.py
+
+# on a CUDA machine: paper-preset training steps (NCCL, AMP), a calibration step, dual-head inference
+gpu-check: $(STAMP)
+	$(BIN)/python tests/gpu_check.py
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# JupyterLab on the notebooks, from this environment (its kernel and save hook)
+lab: $(STAMP)
+	$(BIN)/jupyter lab nbs
