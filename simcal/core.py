@@ -4,13 +4,14 @@
 
 # %% ../nbs/00_core.ipynb #5fac2cfc
 from __future__ import annotations
-import contextlib, json, math, os, tempfile
+import argparse, contextlib, json, math, os, tempfile
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'TABLES', 'Protocol', 'bin_edges', 'bin_index', 'bin_label', 'InputError', 'atomic_write', 'save_json',
-           'load_json', 'table_path']
+__all__ = ['PROTOCOLS', 'positive_int', 'non_negative_int', 'positive_float', 'non_negative_float', 'probability', 'TABLES',
+           'Protocol', 'bin_edges', 'bin_index', 'bin_label', 'InputError', 'atomic_write', 'save_json', 'load_json',
+           'int_range', 'float_range', 'writable_file', 'writable_dir', 'table_path']
 
 # %% ../nbs/00_core.ipynb #9e42164c
 @dataclass(frozen=True)
@@ -109,6 +110,68 @@ def load_json(path, what:str='JSON file'):
         raise InputError(path, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+# %% ../nbs/00_core.ipynb #b889717b
+def _option_type(name, convert, ok, what):
+    def parse(text):
+        try: v = convert(text)
+        except (TypeError, ValueError): raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not ok(v): raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return v
+    parse.__name__ = parse.__qualname__ = name
+    parse.__doc__ = f"argparse type: {what}."
+    return parse
+
+def int_range(lo:int|None=None, # smallest allowed value (None: no bound)
+              hi:int|None=None, # largest allowed value (None: no bound)
+             ):
+    "An argparse type: an integer in `[lo, hi]`."
+    what = ('an integer' + (f" >= {lo}" if lo is not None and hi is None else '') + (f" <= {hi}" if hi is not None and lo is None else '')
+            + (f" in [{lo}, {hi}]" if lo is not None and hi is not None else ''))
+    return _option_type(f'int_range({lo}, {hi})', int,
+                        lambda v: (lo is None or v >= lo) and (hi is None or v <= hi), what)
+
+def float_range(lo:float|None=None, # smallest allowed value (None: no bound)
+                hi:float|None=None, # largest allowed value (None: no bound)
+                lo_open:bool=False, # exclude `lo` itself
+               ):
+    "An argparse type: a finite number in `[lo, hi]` (or `(lo, hi]`)."
+    parts = [f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []
+    if hi is not None: parts.append(f"<= {hi}")
+    what = 'a finite number' + (' ' + ' and '.join(parts) if parts else '')
+    return _option_type(f'float_range({lo}, {hi})', float,
+                        lambda v: math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo))
+                                  and (hi is None or v <= hi), what)
+
+positive_int = _option_type('positive_int', int, lambda v: v >= 1, 'an integer >= 1')
+non_negative_int = _option_type('non_negative_int', int, lambda v: v >= 0, 'an integer >= 0')
+positive_float = _option_type('positive_float', float, lambda v: math.isfinite(v) and v > 0, 'a finite number > 0')
+non_negative_float = _option_type('non_negative_float', float, lambda v: math.isfinite(v) and v >= 0,
+                                  'a finite number >= 0')
+probability = _option_type('probability', float, lambda v: 0 <= v <= 1, 'a number in [0, 1]')
+
+def _check_writable(path:Path, folder:bool):
+    if path.exists() and path.is_dir() != folder:
+        raise argparse.ArgumentTypeError(f"{path} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}")
+    base = path if folder and path.exists() else path.parent
+    while not base.exists() and base != base.parent: base = base.parent
+    if not base.is_dir(): raise argparse.ArgumentTypeError(f"cannot write {path}: {base} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=base): pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write {path}: {base} is not writable ({e.strerror})") from None
+
+def writable_file(text:str) -> Path:
+    "argparse type: an output file that can be written (checked now: not a folder, its folder writable or creatable)."
+    if not text: raise argparse.ArgumentTypeError("must be a file path, got ''")
+    p = Path(text); _check_writable(p, folder=False)
+    return p
+
+def writable_dir(text:str) -> Path:
+    "argparse type: an output folder that can be written (checked now: not a file, writable or creatable)."
+    if not text: raise argparse.ArgumentTypeError("must be a folder path, got ''")
+    p = Path(text); _check_writable(p, folder=True)
+    return p
 
 # %% ../nbs/00_core.ipynb #09451850
 TABLES = {
