@@ -17,6 +17,9 @@ __all__ = ['ALLOW', 'RLE_PROBLEMS', 'parse_allow', 'allow_type', 'add_allow_argu
 # %% ../nbs/00a_checks.ipynb #ebbf3d22
 ALLOW = {
     'degenerate-boxes': "ground-truth boxes of width or height 0 (kept as they are: the engines match them as given)",
+    'invalid-polygons': "ground-truth polygons of fewer than 3 points or an odd number of coordinates, and empty "
+                        "polygon lists (the engines read them as they are; the datasets drop such polygons, as "
+                        "detectron2 does)",
     'negative-scores': "detections scored below 0 (ranked as they are)",
     'foreign-stats': "training statistics (--stats) whose categories differ from the ground truth's (ids, or names "
                      "where both have them); categories missing from them count as 0 training instances",
@@ -239,12 +242,12 @@ def _check_boxes(T, boxes, allow):
             and set(map(type, (v for b in boxes for v in b))) <= {int, float}):
         for i, b in enumerate(boxes):
             if not (isinstance(b, (list, tuple)) and len(b) == 4 and all(_is_num(v) for v in b)):
-                T.fail(i, f"must be 4 numbers [x, y, width, height], got {b!r}", 'bbox')
+                T.fail(i, f"must be 4 finite numbers [x, y, width, height], got {b!r}", 'bbox')
     b = np.array(boxes, np.float64).reshape(-1, 4)
     bad = ~np.isfinite(b).all(1)
     if bad.any(): i = int(np.argmax(bad)); T.fail(i, f"must be finite numbers, got {boxes[i]!r}", 'bbox')
     bad = (b[:, 2:] < 0).any(1)
-    if bad.any(): i = int(np.argmax(bad)); T.fail(i, f"negative width or height: {boxes[i]!r}", 'bbox')
+    if bad.any(): i = int(np.argmax(bad)); T.fail(i, f"width and height must be >= 0, got {boxes[i]!r}", 'bbox')
     if 'degenerate-boxes' not in allow:
         bad = (b[:, 2:] == 0).any(1)
         if bad.any():
@@ -252,12 +255,14 @@ def _check_boxes(T, boxes, allow):
             T.fail(i, f"degenerate box (width or height 0): {boxes[i]!r}; pass --allow degenerate-boxes to keep such "
                       "boxes as they are", 'bbox')
 
-def _check_polygons(T, rows, segs):
+def _check_polygons(T, rows, segs, allow=()):
     "Polygons: a non-empty list of [x1, y1, x2, y2, ...] lists, each of >= 3 points (an even count >= 6) of finite numbers."
     if not rows: return
     lists = [segs[i] for i in rows]
     empty = [len(s) == 0 for s in lists]
-    if any(empty): T.fail(rows[empty.index(True)], "no polygon (an empty list)", 'segmentation')
+    hint = "; pass --allow invalid-polygons to keep them as they are"
+    if any(empty) and 'invalid-polygons' not in allow:
+        T.fail(rows[empty.index(True)], "no polygon (an empty list)" + hint, 'segmentation')
     polys = [p for s in lists for p in s]
     owner = np.repeat(np.array(rows), [len(s) for s in lists])
     if not set(map(type, polys)) <= {list}:
@@ -265,10 +270,10 @@ def _check_polygons(T, rows, segs):
         T.fail(int(owner[k]), f"a polygon must be a list of coordinates, got {polys[k]!r}", 'segmentation')
     n = np.fromiter(map(len, polys), np.int64, len(polys))
     bad = (n < 6) | (n % 2 == 1)
-    if bad.any():
+    if bad.any() and 'invalid-polygons' not in allow:
         k = int(np.argmax(bad))
         T.fail(int(owner[k]), f"polygon {k - int(np.flatnonzero(owner == owner[k])[0])} has {n[k]} coordinates: a polygon "
-               "needs at least 3 points, as an even number of coordinates", 'segmentation')
+               "needs at least 3 points, as an even number of coordinates" + hint, 'segmentation')
     flat = [v for p in polys for v in p]
     if not set(map(type, flat)) <= {int, float}:
         k = next(k for k, p in enumerate(polys) if not all(_is_num(v) for v in p))
@@ -358,7 +363,7 @@ def check_ground_truth(data:dict, # a loaded LVIS/COCO annotation file
     other = [i for i, s in enumerate(segs) if not isinstance(s, (list, dict)) and (segmentation or s is not None)]
     if other: T.fail(other[0], f"must be a list of polygons or an RLE object, got {type(segs[other[0]]).__name__}",
                      'segmentation')
-    _check_polygons(T, poly_rows, segs)
+    _check_polygons(T, poly_rows, segs, allow)
     pos = np.searchsorted(np.sort(img_ids), image_of)
     order = np.argsort(img_ids)
     _check_rles(T, rle_rows, segs, img_h[order][pos], img_w[order][pos])

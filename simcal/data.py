@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .core import InputError, TABLES, bin_edges, bin_index, bin_label, load_json, save_json, table_path
+from .core import (InputError, TABLES, bin_edges, bin_index, bin_label, load_json, save_json, table_path,
+                         int_range, positive_int, writable_file)
+from .checks import add_allow_argument, check_categories, check_ground_truth, parse_allow, record_name
 
 # %% auto #0
 __all__ = ['LabelMap', 'validate_annotations', 'is_lvis', 'CategoryStats', 'segmentation_to_mask', 'DetectionDataset',
@@ -42,7 +44,7 @@ class LabelMap:
         "The label map of an annotation file's categories."
         data = load_json(path, 'annotation file')
         _check_top_level(data, path, keys=('categories',))
-        _check_categories(data['categories'], path)
+        check_categories(data['categories'], path)
         return cls.from_categories(data['categories'])
 
     @property
@@ -76,8 +78,7 @@ class LabelMap:
         return ['background'] + [self.names.get(c, str(c)) for c in self.category_ids]
 
 # %% ../nbs/01_data.ipynb #bf2e3b40
-def _rec(kind, i, rid=None):
-    return f"{kind}[{i}]" + (f" (id={rid})" if rid is not None else "")
+_rec = record_name  # how messages name a record: `annotations[12] (id=345)`
 
 def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
 def _is_num(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -90,76 +91,12 @@ def _check_top_level(data, path, keys=('images', 'annotations', 'categories')):
         if k not in data: raise InputError(path, f"missing top-level key '{k}'", field=k)
         if not isinstance(data[k], list): raise InputError(path, f"'{k}' must be a list", field=k)
 
-def _check_ids(records, kind, path):
-    "Every record has an integer 'id', no two the same; returns id -> position."
-    pos = {}
-    for i, r in enumerate(records):
-        if not isinstance(r, dict): raise InputError(path, "must be a JSON object", record=_rec(kind, i))
-        if 'id' not in r: raise InputError(path, "missing field", record=_rec(kind, i), field='id')
-        rid = r['id']
-        if not _is_int(rid): raise InputError(path, f"id must be an integer, got {rid!r}", record=_rec(kind, i), field='id')
-        if rid in pos:
-            raise InputError(path, f"duplicate id (also {kind}[{pos[rid]}])", record=_rec(kind, i, rid), field='id')
-        pos[rid] = i
-    return pos
-
-def _check_categories(categories, path):
-    pos = _check_ids(categories, 'categories', path)
-    for i, c in enumerate(categories):
-        fr = c.get('frequency')
-        if fr is not None and fr not in ('r', 'c', 'f'):
-            raise InputError(path, f"frequency must be 'r', 'c' or 'f', got {fr!r}",
-                             record=_rec('categories', i, c['id']), field='frequency')
-    return pos
-
-def _check_segmentation(seg, path, rec):
-    if isinstance(seg, list):
-        if not all(isinstance(p, list) for p in seg):
-            raise InputError(path, "polygon segmentation must be a list of coordinate lists", record=rec,
-                             field='segmentation')
-    elif isinstance(seg, dict):
-        if 'counts' not in seg or 'size' not in seg:
-            raise InputError(path, "RLE segmentation needs 'counts' and 'size'", record=rec, field='segmentation')
-        size = seg['size']
-        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(s) and s >= 0 for s in size)):
-            raise InputError(path, f"RLE size must be [height, width], got {size!r}", record=rec, field='segmentation')
-        if not isinstance(seg['counts'], (list, str)):
-            raise InputError(path, "RLE counts must be a list or a string", record=rec, field='segmentation')
-    else:
-        raise InputError(path, f"must be a list of polygons or an RLE object, got {type(seg).__name__}",
-                         record=rec, field='segmentation')
-
 def validate_annotations(data:dict, # a loaded LVIS/COCO annotation file
                          path, # its path, for the messages
+                         allow=(), # checks to skip (`simcal.checks.ALLOW`; here: 'degenerate-boxes')
                         ) -> None:
-    "Check the structure of an LVIS/COCO annotation file; raise `InputError` naming file, record and field."
-    _check_top_level(data, path)
-    cat_pos = _check_categories(data['categories'], path)
-    img_pos = _check_ids(data['images'], 'images', path)
-    _check_ids(data['annotations'], 'annotations', path)
-    for i, a in enumerate(data['annotations']):
-        for k in ('image_id', 'category_id', 'bbox', 'segmentation'):
-            if k not in a: raise InputError(path, "missing field", record=_rec('annotations', i, a['id']), field=k)
-        b = a['bbox']
-        if not (isinstance(b, list) and len(b) == 4 and all(_is_num(v) for v in b)):
-            raise InputError(path, f"bbox must be 4 finite numbers [x, y, w, h], got {b!r}",
-                             record=_rec('annotations', i, a['id']), field='bbox')
-        if b[2] < 0 or b[3] < 0:
-            raise InputError(path, f"bbox width and height must be >= 0, got {b!r}",
-                             record=_rec('annotations', i, a['id']), field='bbox')
-        if a['category_id'] not in cat_pos:
-            raise InputError(path, f"unknown category id {a['category_id']!r} (not in 'categories')",
-                             record=_rec('annotations', i, a['id']), field='category_id')
-        if a['image_id'] not in img_pos:
-            raise InputError(path, f"unknown image id {a['image_id']!r} (not in 'images')",
-                             record=_rec('annotations', i, a['id']), field='image_id')
-        if a.get('iscrowd', 0) not in (0, 1):
-            raise InputError(path, f"iscrowd must be 0 or 1, got {a['iscrowd']!r}",
-                             record=_rec('annotations', i, a['id']), field='iscrowd')
-        if 'area' in a and not (_is_num(a['area']) and a['area'] >= 0):
-            raise InputError(path, f"area must be a finite number >= 0, got {a['area']!r}",
-                             record=_rec('annotations', i, a['id']), field='area')
-        _check_segmentation(a['segmentation'], path, _rec('annotations', i, a['id']))
+    "Check an LVIS/COCO annotation file with `simcal.checks.check_ground_truth` (masks required); `InputError` naming file, record and field."
+    check_ground_truth(data, path, allow=allow, segmentation=True)
 
 def is_lvis(data:dict) -> bool:
     "Whether a loaded annotation file is LVIS-format (categories with `frequency` or images with `neg_category_ids`)."
@@ -189,6 +126,7 @@ class CategoryStats:
     # ---- construction
     @classmethod
     def from_table(cls, name_or_path, # a shipped table name (see `TABLES`) or a path to a table / annotation JSON
+                   allow=(), # an annotation file's checks to skip (`simcal.checks.ALLOW`)
                   ) -> 'CategoryStats':
         "Statistics from a shipped table, a table JSON, or an LVIS/COCO annotation file (counted)."
         if isinstance(name_or_path, str) and name_or_path in TABLES:
@@ -201,7 +139,7 @@ class CategoryStats:
             raise InputError(path, f"no such file, and not a shipped table name ({', '.join(_STAT_TABLES)})")
         data = load_json(path, 'category table or annotation file')
         if isinstance(data, list): return cls._from_records(data, str(path), path)
-        return cls.from_annotations(data, path)
+        return cls.from_annotations(data, path, allow=allow)
 
     @classmethod
     def _from_records(cls, records, source, path):
@@ -229,9 +167,10 @@ class CategoryStats:
     def from_annotations(cls, data:dict, # a loaded LVIS/COCO annotation file
                          path, # its path (messages, `source`)
                          validate:bool=True, # run `validate_annotations` first
+                         allow=(), # its checks to skip (`simcal.checks.ALLOW`)
                         ) -> 'CategoryStats':
         "Count instances (non-crowd annotations) and distinct images per category of an annotation file."
-        if validate: validate_annotations(data, path)
+        if validate: validate_annotations(data, path, allow=allow)
         ninst, imgs = Counter(), defaultdict(set)
         for a in data['annotations']:
             if a.get('iscrowd', 0): continue
@@ -268,7 +207,7 @@ class CategoryStats:
 
     def instance_counts_by_label(self, label_map:LabelMap|None=None) -> dict[int, int]:
         "Contiguous label (1..C) -> instance count (what the sampler and the dual head take)."
-        label_map = label_map or self.label_map
+        label_map = self.label_map if label_map is None else label_map
         counts = self.instance_counts
         return {label_map.label(c): counts.get(c, 0) for c in label_map.category_ids}
 
@@ -328,13 +267,19 @@ class CategoryStats:
 # %% ../nbs/01_data.ipynb #3f70c897
 def segmentation_to_mask(segmentation, # polygons `[[x1, y1, ...], ...]` or an RLE dict (compressed or not)
                          height:int, width:int, # image size
+                         drop_invalid_polygons:bool=False, # drop polygons of < 3 points (detectron2); default: an error
                         ) -> np.ndarray:
     "Decode a COCO/LVIS segmentation into a uint8 `height x width` mask with pycocotools."
     from pycocotools import mask as mask_utils
     if isinstance(segmentation, list):
-        polys = [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
-        if not polys: return np.zeros((height, width), dtype=np.uint8)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+        if drop_invalid_polygons:
+            segmentation = [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
+            if not segmentation: return np.zeros((height, width), dtype=np.uint8)
+        bad = [len(p) for p in segmentation if len(p) < 6 or len(p) % 2]
+        if bad or not segmentation:
+            raise ValueError(f"a polygon needs at least 3 points (an even number >= 6 of coordinates), got "
+                             f"{bad[0] if bad else 'no polygon'}")
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     else:
         if list(segmentation['size']) != [height, width]:
             raise ValueError(f"RLE size {segmentation['size']} differs from the image size [{height}, {width}]")
@@ -359,16 +304,17 @@ class DetectionDataset(Dataset):
                  min_box_side:float=1.0, # train mode: drop boxes narrower or lower than this (mmdet v1)
                  path_field:str='auto', # 'file_name', 'coco_url' (LVIS v1) or 'auto' (file_name if present)
                  data:dict|None=None, # the already loaded annotation file, to avoid reading it twice
+                 allow=(), # checks of the annotation file to skip (`simcal.checks.ALLOW`: 'degenerate-boxes')
                 ):
         if path_field not in ('auto', 'file_name', 'coco_url'):
             raise ValueError(f"path_field must be 'auto', 'file_name' or 'coco_url', got {path_field!r}")
         self.ann_file, self.image_root, self.train, self.transforms = Path(ann_file), Path(image_root), train, transforms
-        self.path_field = path_field
+        self.path_field, self.allow = path_field, parse_allow(allow)
         if data is None: data = load_json(self.ann_file, 'annotation file')
-        validate_annotations(data, self.ann_file)
+        validate_annotations(data, self.ann_file, allow=allow)
         self._check_image_records(data['images'])
         self.categories = sorted(data['categories'], key=lambda c: c['id'])
-        self.label_map = label_map or LabelMap.from_categories(self.categories)
+        self.label_map = LabelMap.from_categories(self.categories) if label_map is None else label_map
         extra = [c['id'] for c in self.categories if c['id'] not in self.label_map]
         if extra: raise InputError(self.ann_file, f"{len(extra)} category ids are not in the given label map: {extra[:10]}",
                                    field='categories')
@@ -482,7 +428,8 @@ class DetectionDataset(Dataset):
         h, w = im['height'], im['width']
         masks = []
         for a in anns:
-            try: masks.append(segmentation_to_mask(a['segmentation'], h, w))
+            try: masks.append(segmentation_to_mask(a['segmentation'], h, w,
+                                                   drop_invalid_polygons='invalid-polygons' in self.allow))
             except (TypeError, ValueError, IndexError) as e:
                 raise InputError(self.ann_file, f"cannot decode segmentation: {e}",
                                  record=_rec('annotations', self._ann_pos[a['id']], a['id']), field='segmentation') from None
@@ -555,6 +502,7 @@ def rebuild_coco_lt(instances_train2017, # COCO `instances_train2017.json`
                     image_ids=None, # {coco_cat_id: [image ids]} or a path to such JSON; default: the shipped table
                     expected=None, # {coco_cat_id: instance count}; default: the shipped 'coco_lt' table
                     count_crowd:bool=False, # count crowd annotations as instances when checking
+                    allow=(), # checks of the instances file to skip (`simcal.checks.ALLOW`)
                    ) -> dict:
     "Rebuild the COCO-LT training split from COCO train2017, check its per-class counts, write it atomically."
     src = Path(instances_train2017)
@@ -563,7 +511,7 @@ def rebuild_coco_lt(instances_train2017, # COCO `instances_train2017.json`
         expected = {r['coco_category_id']: r['instance_count'] for r in load_json(table_path('coco_lt'), 'COCO-LT table')}
     expected = {int(k): int(v) for k, v in expected.items()}
     data = load_json(src, 'COCO instances file')
-    validate_annotations(data, src)
+    validate_annotations(data, src, allow=allow)
     names = {c['id']: c.get('name', str(c['id'])) for c in data['categories']}
     unknown = sorted(set(table) - set(names))
     if unknown: raise InputError(table_file, f"category ids not in {src.name}: {unknown[:10]}", field='image_ids')
@@ -599,24 +547,26 @@ def configure_stats_parser(parser:argparse.ArgumentParser) -> None:
     parser.add_argument('source', metavar='NAME_OR_JSON',
                         help=f"a shipped table ({', '.join(_STAT_TABLES)}), a table JSON, or an LVIS/COCO annotation "
                              "file (counted: non-crowd annotations per category)")
-    parser.add_argument('--bin-base', type=int, default=None, metavar='F',
-                        help="bin base f: bins [0,f), [f,f^2), ..., [f^m,inf) by instance count"
+    parser.add_argument('--bin-base', type=int_range(2), default=None, metavar='F',
+                        help="bin base f >= 2: bins [0,f), [f,f^2), ..., [f^m,inf) by instance count"
                              "; if omitted, 10 for LVIS-style statistics and 20 for COCO, as in the paper")
-    parser.add_argument('--bin-count', type=int, default=3, metavar='M', help="number of finite bin edges m (m+1 bins)")
+    parser.add_argument('--bin-count', type=positive_int, default=3, metavar='M',
+                        help="number of finite bin edges m >= 1 (m+1 bins)")
     parser.add_argument('--val', default=None, metavar='NAME_OR_JSON',
                         help="val table or annotation file: adds a column counting only the categories with val "
                              "instances (e.g. lvis_v0.5_val)")
     parser.add_argument('--image-root', default=None, metavar='DIR',
                         help="with an annotation file: also check that every image file exists under DIR")
+    add_allow_argument(parser, ('degenerate-boxes', 'invalid-polygons'))
 
 def run_stats(args) -> int:
     "`simcal data stats`: print categories per bin and r/c/f group."
-    stats = CategoryStats.from_table(args.source)
-    f = args.bin_base or (10 if stats.has_frequency else 20)
-    if f < 2 or args.bin_count < 1: raise InputError('--bin-base/--bin-count', f"need f >= 2 and m >= 1, got f={f}, m={args.bin_count}")
+    allow = getattr(args, 'allow', ())
+    stats = CategoryStats.from_table(args.source, allow=allow)
+    f = (10 if stats.has_frequency else 20) if args.bin_base is None else args.bin_base
     among = None
     if args.val is not None:
-        val = CategoryStats.from_table(args.val)
+        val = CategoryStats.from_table(args.val, allow=allow)
         among = val.present()
         unknown = sorted(among - set(stats.ids))
         if unknown: raise InputError(args.val, f"{len(unknown)} categories with val instances are not in "
@@ -624,22 +574,25 @@ def run_stats(args) -> int:
     print(stats.summary(f, args.bin_count, among=among, among_name='val-present'))
     if args.image_root is not None:
         if args.source in TABLES: raise InputError(args.source, "--image-root needs an annotation file, not a table")
-        n = load_detection_dataset(args.source, args.image_root).check_images()
+        n = load_detection_dataset(args.source, args.image_root, allow=allow).check_images()
         print(f"all {n} image files found under {args.image_root}")
     return 0
 
 def configure_coco_lt_parser(parser:argparse.ArgumentParser) -> None:
     "Options of `simcal data coco-lt`."
     parser.add_argument('--instances', required=True, metavar='PATH', help="COCO instances_train2017.json")
-    parser.add_argument('--out', required=True, metavar='PATH', help="output COCO-LT training annotation file")
+    parser.add_argument('--out', required=True, type=writable_file, metavar='PATH',
+                        help="output COCO-LT training annotation file (checked writable before the work starts)")
     parser.add_argument('--image-ids', default=None, metavar='PATH',
                         help="per-class image id table {coco_cat_id: [image ids]}; if omitted, the table shipped with simcal")
     parser.add_argument('--count-crowd', action='store_true',
                         help="count crowd annotations as instances when checking the per-class counts")
+    add_allow_argument(parser, ('degenerate-boxes', 'invalid-polygons'))
 
 def run_coco_lt(args) -> int:
     "`simcal data coco-lt`: rebuild and check the COCO-LT training split."
-    res = rebuild_coco_lt(args.instances, args.out, image_ids=args.image_ids, count_crowd=args.count_crowd)
+    res = rebuild_coco_lt(args.instances, args.out, image_ids=args.image_ids, count_crowd=args.count_crowd,
+                          allow=args.allow)
     print(f"wrote {res['path']}: {res['images']} images, {res['annotations']} annotations, "
           f"{res['instances']} instances in {len(res['instance_counts'])} classes; counts match the COCO-LT table")
     return 0

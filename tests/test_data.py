@@ -256,10 +256,12 @@ def test_lvis_class_to_indices_and_train_filter(tmp_path):
     p2 = tmp_path / 'thin.json'; p2.write_text(json.dumps(d))
     assert LVISDataset(p2, root, train=True).class_to_indices() == {1: [0], 2: [0, 1, 2]}
     assert LVISDataset(p2, root).class_to_indices()[3] == [2]
-    # an image holding only a zero-size box is dropped in train mode
+    # zero-size boxes are refused unless allowed; allowed, an image holding only such boxes is dropped in train mode
     d['annotations'][0]['bbox'] = [2, 3, 0, 5]; d['annotations'][1]['bbox'] = [20, 20, 4, 0]
     p2.write_text(json.dumps(d))
-    assert LVISDataset(p2, root, train=True).image_ids == [6, 8]
+    with pytest.raises(InputError, match=r"annotations\[0\] \(id=1\): field 'bbox': degenerate box"):
+        LVISDataset(p2, root, train=True)
+    assert LVISDataset(p2, root, train=True, allow=['degenerate-boxes']).image_ids == [6, 8]
 
 
 def test_transforms_applied(tmp_path):
@@ -349,6 +351,13 @@ BAD_CASES = [
     ('image without height', lambda d: d['images'][2].pop('height'), ["images[2] (id=8)", "field 'height'"]),
     ('image without path', lambda d: d['images'][3].pop('coco_url'), ["images[3] (id=9)", "field 'coco_url'"]),
     ('coco_url unusable', lambda d: d['images'][3].update(coco_url='x.jpg'), ["images[3] (id=9)", "field 'coco_url'"]),
+    # the checks every reader shares (simcal.checks.check_ground_truth)
+    ('degenerate box', lambda d: d['annotations'][3].update(bbox=[1, 2, 0, 4]), ["annotations[3] (id=4)", "field 'bbox'", 'degenerate box', '--allow degenerate-boxes']),
+    ('polygon of 2 points', lambda d: d['annotations'][0].update(segmentation=[[1, 1, 5, 1]]), ["annotations[0] (id=1)", "field 'segmentation'", 'at least 3 points']),
+    ('polygon odd coordinates', lambda d: d['annotations'][0].update(segmentation=[[1, 1, 5, 1, 5, 5, 1]]), ["annotations[0] (id=1)", "field 'segmentation'", '7 coordinates']),
+    ('no polygon', lambda d: d['annotations'][0].update(segmentation=[]), ["annotations[0] (id=1)", "field 'segmentation'", 'no polygon']),
+    ('annotation id 0', lambda d: d['annotations'][2].update(id=0), ["annotations[2] (id=0)", "field 'id'", 'positive integer']),
+    ('unknown negative category', lambda d: d['images'][0].update(neg_category_ids=[77]), ["images[0] (id=5)", "field 'neg_category_ids'", '77']),
 ]
 
 @pytest.mark.parametrize('name,how,parts', BAD_CASES, ids=[c[0] for c in BAD_CASES])
@@ -405,15 +414,40 @@ def test_image_file_problems(tmp_path):
     with pytest.raises(InputError, match='cannot decode image'): ds[2]
 
 
-def test_undecodable_segmentation(tmp_path):
+RLE_CASES = [
+    # (name, RLE of annotations[3] (image 8, 40 x 40), substrings of the message)
+    ('size of another image', lambda: _rle(np.ones((10, 10), np.uint8)), ['RLE size [10, 10] differs from its image']),
+    ('garbage counts', lambda: {'size': [40, 40], 'counts': 'garbage!'}, ['do not decode', 'alphabet']),
+    ('counts past the image', lambda: {'size': [40, 40], 'counts': _rle(np.ones((40, 40), np.uint8))['counts'] + '1'},
+     ['cover 1601 pixels', '40 x 40 = 1600']),
+    ('string ending inside a number', lambda: {'size': [40, 40], 'counts': '0T3o'}, ['do not decode', 'ends inside']),
+    ('uncompressed counts short', lambda: {'size': [40, 40], 'counts': [100, 200]}, ['cover 300 pixels']),
+    ('negative uncompressed count', lambda: {'size': [40, 40], 'counts': [1700, -100]}, ['>= 0']),
+]
+
+def _rle(m):
+    r = mask_utils.encode(np.asfortranarray(m)); r['counts'] = r['counts'].decode(); return r
+
+@pytest.mark.parametrize('name,rle,parts', RLE_CASES, ids=[c[0] for c in RLE_CASES])
+def test_bad_rle_refused_before_any_decoding(tmp_path, name, rle, parts):
+    "An RLE that does not decode or does not fit its image: an error when the file is read, for every reader."
     path, root, data = lvis_file(tmp_path)
     bad = tmp_path / 'rle.json'
-    rle = mask_utils.encode(np.asfortranarray(np.ones((10, 10), np.uint8)))
-    rle['counts'] = rle['counts'].decode()
-    bad.write_text(json.dumps(_mutate(data, lambda d: d['annotations'][3].update(segmentation=rle))))
-    ds = LVISDataset(bad, root)          # structure is fine; the RLE size only shows when decoding
-    with pytest.raises(InputError) as e: ds[2]
-    assert "annotations[3] (id=4): field 'segmentation'" in str(e.value) and 'RLE size' in str(e.value)
+    bad.write_text(json.dumps(_mutate(data, lambda d: d['annotations'][3].update(segmentation=rle()))))
+    for read in (lambda: LVISDataset(bad, root, train=True), lambda: CategoryStats.from_table(bad)):
+        with pytest.raises(InputError) as e: read()
+        msg = str(e.value)
+        assert str(bad) in msg and "annotations[3] (id=4): field 'segmentation'" in msg, msg
+        for p in parts: assert p in msg, (p, msg)
+
+
+def test_invalid_polygons_allowed_are_dropped_as_detectron2_does(tmp_path):
+    path, root, data = lvis_file(tmp_path)
+    bad = tmp_path / 'poly.json'
+    bad.write_text(json.dumps(_mutate(data, lambda d: d['annotations'][3]['segmentation'].append([1, 1, 5, 5]))))
+    with pytest.raises(InputError, match='at least 3 points'): LVISDataset(bad, root)
+    ds = LVISDataset(bad, root, allow=['invalid-polygons'])
+    assert int(ds[2][1]['masks'][0].sum()) == int(LVISDataset(path, root)[2][1]['masks'][0].sum()) == 100
 
 
 def test_segmentation_to_mask_forms():
@@ -433,7 +467,8 @@ def test_segmentation_to_mask_forms():
     poly = [[3, 2, 9, 2, 9, 7, 3, 7]]
     assert segmentation_to_mask(poly, h, w).sum() == int(mask_utils.decode(
         mask_utils.merge(mask_utils.frPyObjects(poly, h, w))).sum())
-    assert segmentation_to_mask([[1, 1, 5, 5]], h, w).sum() == 0          # 2-point "polygon" dropped
+    with pytest.raises(ValueError, match='at least 3 points'): segmentation_to_mask([[1, 1, 5, 5]], h, w)
+    assert segmentation_to_mask([[1, 1, 5, 5]], h, w, drop_invalid_polygons=True).sum() == 0  # dropped when asked
 
 
 # ---------------------------------------------------------------------------------------------- COCO-LT rebuild
