@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 JUPYTER_CFG := $(VENV)/etc/jupyter/jupyter_server_config.py
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install lab repro test test-nbs test-py check-sync bench bench-repro gpu-check clean
+.PHONY: install lab readme repro test test-nbs test-py check-sync bench bench-repro gpu-check clean
 
 install: $(STAMP)
 
@@ -55,6 +55,10 @@ gpu-check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# README.md is rendered from the start page nbs/index.ipynb
+readme: $(STAMP)
+	$(BIN)/python tests/render_readme.py
 
 # JupyterLab on the notebooks, from this environment (its kernel and save hook)
 lab: $(STAMP)

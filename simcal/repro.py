@@ -4,15 +4,16 @@
 
 # %% ../nbs/91_repro.ipynb #e2c784b4
 from __future__ import annotations
-import json, math, os, shlex, subprocess, sys, time
+import collections, json, math, os, re, shlex, shutil, subprocess, sys, threading, time
 from pathlib import Path
 from .core import save_json, load_json, InputError, atomic_write
 
 # %% auto #0
 __all__ = ['PAPER_COLUMNS', 'PAPER_LVIS', 'PAPER_COCO_LT', 'PAPER_T_SWEEP', 'PAPER_HEADS', 'PAPER_CAL_STEPS_AP', 'PAPER_BIN_BASE',
-           'PAPER_BIN_COUNT', 'REPRO_NOTEBOOKS', 'metrics_row', 'comparison_table', 'save_table', 'torchrun',
-           'train_base', 'calibrate_head', 'test_model', 'repo_root', 'find_notebooks', 'run_notebook',
-           'relative_to_checkout', 'configure_repro_parser', 'notebook_parameters', 'run_repro']
+           'PAPER_BIN_COUNT', 'STATUS_ENV', 'REPRO_NOTEBOOKS', 'metrics_row', 'comparison_table', 'save_table',
+           'available_cpus', 'report_status', 'end_process_group', 'torchrun', 'device_kind', 'step_key', 'train_base',
+           'calibrate_head', 'test_model', 'repo_root', 'find_notebooks', 'run_notebook', 'relative_to_checkout',
+           'StatusPrinter', 'timing_table', 'configure_repro_parser', 'notebook_parameters', 'run_repro']
 
 # %% ../nbs/91_repro.ipynb #a5ae1f19
 PAPER_COLUMNS = ['AP1', 'AP2', 'AP3', 'AP4', 'APr', 'APc', 'APf', 'AP']
@@ -103,14 +104,79 @@ def _has_tabulate():
     except ImportError: return False
 
 # %% ../nbs/91_repro.ipynb #1fe6eb35
+STATUS_ENV = 'SIMCAL_STATUS_FILE'
+
+def available_cpus() -> int:
+    "CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (containers, batch schedulers)."
+    try: n = len(os.sched_getaffinity(0))
+    except AttributeError: n = os.cpu_count() or 1
+    for quota_file, period_file in [('/sys/fs/cgroup/cpu.max', None),
+                                    ('/sys/fs/cgroup/cpu/cpu.cfs_quota_us', '/sys/fs/cgroup/cpu/cpu.cfs_period_us')]:
+        try:
+            q = Path(quota_file).read_text().split()
+            quota, period = (q[0], q[1]) if period_file is None else (q[0], Path(period_file).read_text().strip())
+            if quota not in ('max', '-1'): n = min(n, max(1, int(quota) // int(period)))
+            break
+        except (OSError, ValueError, IndexError): continue
+    return max(1, n)
+
+def report_status(kind:str, # 'progress' (an updating line) or 'done' (a line that stays)
+                  text:str, # what to show
+                  **extra, # recorded with the line (e.g. seconds, step folder)
+                 ):
+    "Tell the terminal of `simcal repro` what is running; does nothing outside `simcal repro`."
+    path = os.environ.get(STATUS_ENV)
+    if not path: return
+    with open(path, 'a') as f: f.write(json.dumps({'kind': kind, 'text': text, **extra}) + '\n')
+
+class _NotebookLine:
+    "One line in the notebook output that updates in place (JupyterLab runs); nothing under `simcal repro` or a plain shell."
+    def __init__(self):
+        self.handle = None
+        if os.environ.get(STATUS_ENV): return
+        try:
+            from IPython import get_ipython
+            if get_ipython() is not None and hasattr(get_ipython(), 'kernel'):
+                from IPython.display import display
+                self.handle = display(_Text(''), display_id=True)
+        except ImportError: pass
+    def update(self, text):
+        if self.handle is not None: self.handle.update(_Text(text))
+
+class _Text:
+    def __init__(self, text): self.text = text
+    def __repr__(self): return self.text
+
+def _die_with_parent():
+    "In the child, before exec: a SIGTERM when the launching process dies (Linux), so no step outlives its kernel."
+    try:
+        import ctypes, signal
+        ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, int(signal.SIGTERM))   # PR_SET_PDEATHSIG
+    except Exception: pass
+
+def end_process_group(p:subprocess.Popen, # a process started with start_new_session=True
+                      grace:float=10.0, # seconds between SIGTERM and SIGKILL
+                     ):
+    "Stop every process of `p`'s group (torchrun, its ranks, their data-loader workers)."
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try: os.killpg(p.pid, sig)
+        except (ProcessLookupError, PermissionError): return
+        try: p.wait(grace); return
+        except subprocess.TimeoutExpired: continue
+
+_PROGRESS = re.compile(r'\d+%\|')   # a tqdm bar
+
 def torchrun(args:list, # the simcal command line after `simcal`, e.g. ['train', '--preset', 'demo', ...]
              nproc:int=1, # processes on this node (GPUs, or CPU processes on the gloo backend)
              nnodes:int=1, # machines taking part
              rdzv_endpoint:str|None=None, # host:port of the rendezvous when nnodes > 1
              log:str|Path|None=None, # also append the output to this file
              env:dict|None=None, # extra environment variables
+             label:str|None=None, # what the progress line calls this step (default: the command)
+             echo:bool|None=None, # print the output in the notebook too (default: only without a log file)
             ) -> float:
-    "Run `simcal ARGS` under torchrun, streaming its output; raise if it fails. Returns the wall time in seconds."
+    "Run `simcal ARGS` under torchrun in its own process group; raise if it fails. Returns the wall time in seconds."
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc-per-node={nproc}', f'--nnodes={nnodes}']
     if nnodes > 1:
         if not rdzv_endpoint: raise ValueError('nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous)')
@@ -118,34 +184,74 @@ def torchrun(args:list, # the simcal command line after `simcal`, e.g. ['train',
     else:
         cmd += ['--standalone']
     cmd += ['-m', 'simcal.cli'] + [str(a) for a in args]
+    label = label or str(args[0])
+    echo = log is None if echo is None else echo
     print('$', ' '.join(shlex.quote(c) for c in cmd[2:]), flush=True)
     t0 = time.time()
-    # one CPU thread pool per process, sized so the processes of this node share the cores without
-    # oversubscription (oneDNN convolutions slow down by an order of magnitude when threads outnumber cores)
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, nproc)))
+    threads = str(max(1, available_cpus() // max(1, nproc)))
     e = {**os.environ, 'OMP_NUM_THREADS': threads, 'MKL_NUM_THREADS': threads, **(env or {})}
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e) as p:
-        tail = []
-        logf = open(log, 'a') if log else None
-        for line in p.stdout:
-            tail = (tail + [line])[-40:]
-            if logf: logf.write(line)
-            if '\r' not in line: print(line, end='', flush=True)
-        if logf: logf.close()
+    line, tail, shown, last_bar = _NotebookLine(), collections.deque(maxlen=40), 0.0, ''
+    logf = open(log, 'a') if log else None
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e, start_new_session=True,
+                         preexec_fn=_die_with_parent)
+    try:
+        buf = b''
+        while chunk := p.stdout.read1(65536):
+            buf += chunk
+            *pieces, buf = re.split(rb'(?<=[\r\n])', buf)
+            for raw in pieces:
+                text = raw.decode(errors='replace').rstrip('\r\n')
+                if _PROGRESS.search(text):          # a progress bar update: the terminal and the notebook line
+                    last_bar = text.strip()
+                    if time.time() - shown > 1.0:
+                        shown = time.time(); report_status('progress', f'{label}: {last_bar}'); line.update(last_bar)
+                    continue
+                tail.append(text)
+                if logf: logf.write(text + '\n')
+                if echo: print(text, flush=True)
+        p.wait()
+    except BaseException:
+        end_process_group(p); raise
+    finally:
+        if logf:
+            if last_bar: logf.write(last_bar + '\n')
+            logf.close()
+    line.update('')
     if p.returncode != 0:
-        raise RuntimeError(f"simcal {' '.join(map(str, args[:1]))} failed (exit {p.returncode}):\n" + ''.join(tail))
+        raise RuntimeError(f"simcal {label} failed (exit {p.returncode}); its last output:\n" + '\n'.join(tail))
     return time.time() - t0
 
 # %% ../nbs/91_repro.ipynb #7b22d9da
-def _step(out:Path, args:list, launch:dict, outputs:list) -> bool:
-    "Run `simcal ARGS` unless `out/step.json` records the same arguments and every output exists."
+def device_kind() -> str:
+    "Where this machine's steps run: 'cpu', or 'cuda:N' with N the visible device count."
+    try:
+        import torch
+        return f'cuda:{torch.cuda.device_count()}' if torch.cuda.is_available() else 'cpu'
+    except ImportError: return 'cpu'
+
+def step_key(args:list, launch:dict) -> dict:
+    "What makes two runs of a step the same: its arguments, processes per node, nodes and device kind."
+    return {'args': [str(a) for a in args], 'nproc': launch.get('nproc', 1), 'nnodes': launch.get('nnodes', 1),
+            'device': device_kind()}
+
+def _last_jsonl(path) -> dict:
+    lines = [l for l in Path(path).read_text().splitlines() if l.strip()] if Path(path).is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+def _step(out:Path, args:list, launch:dict, outputs:list, summary=None) -> bool:
+    "Run `simcal ARGS` unless `out/step.json` records the same key and every output exists; report one line."
     out = Path(out); rec = out / 'step.json'
-    key = {'args': [str(a) for a in args], 'nproc': launch.get('nproc', 1), 'nnodes': launch.get('nnodes', 1)}
-    if rec.is_file() and load_json(rec).get('args') == key['args'] and all((out / o).is_file() for o in outputs):
-        print(f'(reusing {out}: same arguments)'); return False
+    key = step_key(args, launch); label = f'{args[0]} {out.name}'
+    old = load_json(rec) if rec.is_file() else {}
+    if {k: old.get(k) for k in key} == key and all((out / o).is_file() for o in outputs):
+        msg = f'{label}: reused (made the same way{", in %.0f s" % old["seconds"] if "seconds" in old else ""})'
+        print(msg); report_status('done', msg, step=label, seconds=0.0, reused=True)
+        return False
     out.mkdir(parents=True, exist_ok=True)
-    key['seconds'] = round(torchrun(args, log=out / 'log.txt', **launch), 1)
+    key['seconds'] = round(torchrun(args, log=out / 'log.txt', label=label, **launch), 1)
     save_json(key, rec, indent=1)
+    msg = f"{label}: {key['seconds']:.0f} s" + (f', {summary()}' if summary else '')
+    print(msg); report_status('done', msg, step=label, seconds=key['seconds'], reused=False)
     return True
 
 def train_base(train_ann, image_root, out, # training annotations, their image folder, work directory
@@ -156,20 +262,26 @@ def train_base(train_ann, image_root, out, # training annotations, their image f
               ) -> Path:
     "Train the base detector with `simcal train`; returns the final checkpoint."
     args = ['train', '--train-ann', train_ann, '--image-root', image_root, '--preset', preset, '--out', out,
-            '--no-progress', *(['--iters', iters] if iters else []), *extra]
-    _step(out, args, launch, ['model_final.pth'])
+            *(['--iters', iters] if iters else []), *extra]
+    def summary():
+        r = _last_jsonl(Path(out) / 'metrics.jsonl')
+        return f"{r.get('iter', '?')} iterations, loss {r['loss']:.3f}" if 'loss' in r else 'done'
+    _step(out, args, launch, ['model_final.pth'], summary)
     return Path(out) / 'model_final.pth'
 
 def calibrate_head(detector, train_ann, image_root, out, # detector checkpoint, its training set, work directory
                    head:str='3fc_ft', # calibration head design
                    iters:int=12000, # calibration iterations (the paper: about 12k)
-                   lr_steps:list|None=None, # None: 2/3 and 11/12 of iters (8k and 11k of 12k)
+                   lr_steps:list|None=None, # None: the `simcal calibrate` default schedule
                    extra:list=(), # more `simcal calibrate` options
                    **launch) -> Path:
     "Train a calibration head with `simcal calibrate`; returns its checkpoint."
     args = ['calibrate', '--detector', detector, '--train-ann', train_ann, '--image-root', image_root, '--out', out,
-            '--head', head, '--iters', iters, '--no-progress', *(['--lr-steps', *lr_steps] if lr_steps else []), *extra]
-    _step(out, args, launch, ['calibration.pt'])
+            '--head', head, '--iters', iters, *(['--lr-steps', *lr_steps] if lr_steps else []), *extra]
+    def summary():
+        r = _last_jsonl(Path(out) / 'calibration_log.jsonl')
+        return f"head {head}, {r.get('iter', iters)} iterations, loss {r['loss']:.3f}" if 'loss' in r else f'head {head}'
+    _step(out, args, launch, ['calibration.pt'], summary)
     return Path(out) / 'calibration.pt'
 
 def test_model(checkpoint, ann, image_root, out, # detector checkpoint, evaluation set, its images, output folder
@@ -181,10 +293,13 @@ def test_model(checkpoint, ann, image_root, out, # detector checkpoint, evaluati
                **launch) -> dict:
     "Run `simcal test`; returns its metrics (`{'bbox': ..., 'segm': ...}`) with the results path under 'results'."
     args = ['test', '--checkpoint', checkpoint, '--ann', ann, '--image-root', image_root, '--out', out,
-            '--stats', stats, '--protocol', protocol, '--no-progress',
+            '--stats', stats, '--protocol', protocol,
             *(['--cal-head', cal_head, '--mode', mode] if cal_head else []), *extra]
     if cal_head is None and mode != 'orig': raise ValueError(f"mode {mode!r} needs a calibration head")
-    _step(out, args, launch, ['metrics.json', 'results.json'])
+    def summary():
+        s = load_json(Path(out) / 'metrics.json')['segm']
+        return f"mode {mode}: segm AP {100 * s['AP']:.1f}, bAP {100 * s['bAP']:.1f}"
+    _step(out, args, launch, ['metrics.json', 'results.json'], summary)
     m = load_json(Path(out) / 'metrics.json'); m['results'] = str(Path(out) / 'results.json')
     return m
 
@@ -205,7 +320,7 @@ def find_notebooks(folder=None) -> Path:
         if (c / REPRO_NOTEBOOKS[0]).is_file(): return c
     raise InputError(cands[0], 'reproduction notebooks not found; run from the simcal checkout or pass --notebooks')
 
-def run_notebook(name, out_dir, notebooks=None, parameters=None, kernel='python3', progress=True) -> Path:
+def run_notebook(name, out_dir, notebooks=None, parameters=None, kernel='python3', progress=False) -> Path:
     "Execute one reproduction notebook with papermill into `out_dir/notebooks/` (paths in the checkout made relative)."
     import papermill as pm
     src = find_notebooks(notebooks) / name
@@ -214,16 +329,61 @@ def run_notebook(name, out_dir, notebooks=None, parameters=None, kernel='python3
     dst.parent.mkdir(parents=True, exist_ok=True)
     params = {'out_dir': str(out_dir), **(parameters or {})}
     tmp = dst.with_name(f'.{dst.name}.running.ipynb')
-    pm.execute_notebook(str(src), str(tmp), parameters=params, kernel_name=kernel, progress_bar=progress,
-                        cwd=str(Path.cwd()))
-    with atomic_write(dst) as f: f.write(relative_to_checkout(tmp.read_text(), repo_root(src)))
-    tmp.unlink()
+    try:
+        pm.execute_notebook(str(src), str(tmp), parameters=params, kernel_name=kernel, progress_bar=progress,
+                            cwd=str(Path.cwd()))
+        with atomic_write(dst) as f: f.write(relative_to_checkout(tmp.read_text(), repo_root(src)))
+    finally:
+        tmp.unlink(missing_ok=True)
     return dst
 
 def relative_to_checkout(text:str, root) -> str:
     "Paths inside the checkout written relative to it, so an executed notebook can be shared as it is."
     root = str(Path(root).resolve())
     return text.replace(root + '/', '').replace(root, '.')
+
+class StatusPrinter:
+    "Follows the status file of a `simcal repro` run and shows it on a stream (a terminal, or a log)."
+    def __init__(self, path, stream=None, log_every:float=30.0):
+        self.path, self.stream, self.log_every = Path(path), stream or sys.stderr, log_every
+        self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
+        self.notebook, self.steps, self.pos, self.last_log, self.width = '', [], 0, 0.0, 0
+        self._stop = threading.Event(); self._thread = threading.Thread(target=self._run, daemon=True)
+    def __enter__(self): self._thread.start(); return self
+    def __exit__(self, *a):
+        self._stop.set(); self._thread.join(); self.poll(); self._clear()
+    def _run(self):
+        while not self._stop.wait(0.5): self.poll()
+    def _clear(self):
+        if self.tty and self.width: self.stream.write('\r' + ' ' * self.width + '\r'); self.width = 0
+    def poll(self):
+        if not self.path.is_file(): return
+        with open(self.path) as f:
+            f.seek(self.pos); data = f.read()
+        if not data.endswith('\n'): data = data[:data.rfind('\n') + 1]
+        self.pos += len(data.encode())
+        for l in data.splitlines():
+            r = json.loads(l); text = f'[{self.notebook}] {r["text"]}'
+            if r['kind'] == 'done':
+                self.steps.append({'notebook': self.notebook, **{k: v for k, v in r.items() if k != 'kind'}})
+                self._clear(); self.stream.write(text + '\n')
+            elif self.tty:
+                cols = shutil.get_terminal_size((120, 20)).columns - 1
+                self._clear(); text = text[:cols]; self.stream.write('\r' + text); self.width = len(text)
+            elif time.time() - self.last_log >= self.log_every:
+                self.last_log = time.time(); self.stream.write(text + '\n')
+        self.stream.flush()
+
+def timing_table(steps:list, notebooks:dict, total:float) -> str:
+    "The main job's time per step and per notebook, as a Markdown table."
+    rows = ['| notebook | step | seconds |', '|---|---|---|']
+    rows += [f"| {s['notebook']} | {s['step']}{' (reused)' if s.get('reused') else ''} | {s['seconds']:.0f} |" for s in steps]
+    for nb, sec in notebooks.items():
+        own = sec - sum(s['seconds'] for s in steps if s['notebook'] == nb)
+        rows.append(f'| {nb} | in the kernel: data, evaluation, tables, figures, start-up | {own:.0f} |')
+        rows.append(f'| **{nb}** | **total** | **{sec:.0f}** |')
+    rows.append(f'| **all** | | **{total:.0f}** |')
+    return '\n'.join(rows)
 
 def configure_repro_parser(p):
     p.add_argument('--out', default='figures', help='folder for tables, figures and the executed notebooks')
@@ -243,19 +403,44 @@ def notebook_parameters(name, notebooks=None) -> dict:
     import papermill as pm
     return {k: v['default'] for k, v in pm.inspect_notebook(str(find_notebooks(notebooks) / name)).items()}
 
+class _Stop(Exception): pass
+
+def _raise_stop(signum, frame): raise _Stop(signum)
+
 def run_repro(args) -> int:
-    params = {'work_dir': str(Path(args.work_dir).resolve()), **{k: _value(v) for k, v in args.param}}
+    import signal, tempfile
+    work = Path(args.work_dir).resolve()
+    params = {'work_dir': str(work), **{k: _value(v) for k, v in args.param}}
     names = args.only or REPRO_NOTEBOOKS
     declared = {n: notebook_parameters(n, args.notebooks) for n in names}
     unknown = set(params) - set().union(*map(set, declared.values()))
     if unknown: raise InputError(' '.join(names), f"no notebook takes the parameter(s) {', '.join(sorted(unknown))}")
-    t0 = time.time(); done = []
-    for name in names:
-        t = time.time()
-        print(f'== {name}', flush=True)
-        mine = {k: v for k, v in params.items() if k in declared[name]}
-        done.append((run_notebook(name, args.out, args.notebooks, mine, kernel=args.kernel), time.time() - t))
-    print(f'\nreproduction finished in {time.time() - t0:.0f} s')
-    for nb, s in done: print(f'  {nb}  ({s:.0f} s)')
-    print(f'tables and figures: {Path(args.out).resolve()}')
+    t0, times = time.time(), {}
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so papermill shuts the kernel down (and the kernel's steps die with it)
+    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    with tempfile.TemporaryDirectory(prefix='simcal-repro-') as tmp:
+        status = Path(tmp) / 'status.jsonl'
+        os.environ[STATUS_ENV] = str(status)
+        try:
+            with StatusPrinter(status) as printer:
+                for name in names:
+                    printer.poll(); printer.notebook = Path(name).stem
+                    print(f'== {name}', file=sys.stderr, flush=True)
+                    t = time.time()
+                    mine = {k: v for k, v in params.items() if k in declared[name]}
+                    run_notebook(name, args.out, args.notebooks, mine, kernel=args.kernel)
+                    printer.poll(); times[Path(name).stem] = time.time() - t
+                    print(f'[{Path(name).stem}] notebook done in {times[Path(name).stem]:.0f} s', file=sys.stderr, flush=True)
+        except (_Stop, KeyboardInterrupt) as e:
+            print(f'\nstopped ({type(e).__name__}); the running step and its processes were ended', file=sys.stderr)
+            return 130
+        finally:
+            os.environ.pop(STATUS_ENV, None)
+            for s, h in old.items(): signal.signal(s, h)
+    total = time.time() - t0
+    table = timing_table(printer.steps, times, total)
+    work.mkdir(parents=True, exist_ok=True)
+    save_json({'steps': printer.steps, 'notebooks': times, 'total_seconds': total}, work / 'repro_timing.json', indent=1)
+    print(f'\nreproduction finished in {total:.0f} s\n\n{table}\n\ntables and figures: {Path(args.out).resolve()}')
     return 0

@@ -58,6 +58,23 @@ def test_executed_notebooks_kept(repro):
         assert str(ROOT) not in (figs / 'notebooks' / nb).read_text()   # checkout paths are relative
 
 
+FIGURES_SHOWN = {'lvis_mrcnn.ipynb': 3, 'coco_lt.ipynb': 2, 'ablations.ipynb': 4}   # loss curve + per-bin figures
+
+
+def test_executed_notebooks_show_figures_and_no_stderr(repro):
+    "Every figure is shown inline (as in JupyterLab); no stderr box from our code; step output stays in the logs."
+    figs, _ = repro
+    assert set(FIGURES_SHOWN) == set(REPRO_NOTEBOOKS)
+    for nb, n in FIGURES_SHOWN.items():
+        outs = [o for c in json.loads((figs / 'notebooks' / nb).read_text())['cells'] if c['cell_type'] == 'code'
+                for o in c.get('outputs', [])]
+        pngs = [o for o in outs if 'image/png' in o.get('data', {})]
+        assert len(pngs) == n, f'{nb}: {len(pngs)} inline figures, expected {n}'
+        assert not [o for o in outs if o.get('name') == 'stderr'], f'{nb}: stderr output'
+        text = ''.join(''.join(o.get('text', '')) for o in outs)
+        assert '%|' not in text, f'{nb}: a progress bar leaked into the notebook'
+
+
 def test_lvis_tables_and_figures(repro):
     figs, _ = repro
     for iou in ('bbox', 'segm'):
@@ -142,8 +159,58 @@ def test_notebook_through_jupyter_server(repro, tmp_path):
     with JupyterServer(ROOT) as server:
         outputs = server.run_cells('nbs/paper/lvis_mrcnn.ipynb', cells, timeout=600)
     text = ''.join(outputs)
-    assert 'reusing' in text                      # the papermill run's checkpoints and results were reused
+    assert 'reused (made the same way' in text    # the papermill run's checkpoints and results were reused
     s = json.loads((out_dir / 'lvis_mrcnn_summary.json').read_text())
     ref = json.loads((figs / 'lvis_mrcnn_summary.json').read_text())
     assert s['metrics'] == ref['metrics']
     _png_ok(out_dir / 'lvis_mrcnn_bins_segm.png')
+
+
+def _procs_with(marker: str) -> list:
+    "Processes whose environment holds `marker` (every process a `simcal repro` started inherits its status file name)."
+    found = []
+    for d in Path('/proc').iterdir():
+        if not d.name.isdigit(): continue
+        try:
+            if marker.encode() in (d / 'environ').read_bytes(): found.append(int(d.name))
+        except OSError: pass
+    return found
+
+
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT', 'kernel'])
+def test_stopping_repro_leaves_no_process(tmp_path, sig):
+    """Stop `simcal repro` while a torchrun step trains (or kill its notebook kernel outright): the kernel, torchrun,
+    its ranks and workers are all gone, and no executed notebook is left half-written."""
+    import os, signal, subprocess, sys, time
+    marker = f'simcal-stop-test-{tmp_path.name}'
+    env = {**os.environ, 'SIMCAL_TEST_MARKER': marker}
+    cmd = [sys.executable, '-m', 'simcal.cli', 'repro', '--only', 'lvis_mrcnn.ipynb', '--out', str(tmp_path / 'f'),
+           '--work-dir', str(tmp_path / 'r'), '-p', 'synth', json.dumps(TINY['synth']), '-p', 'base_iters', '100000']
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        def trainers():   # torchrun and its ranks: their command lines run `simcal.cli train` into this work folder
+            cls = [Path(f'/proc/{q}/cmdline').read_bytes().decode(errors='replace') for q in _procs_with(marker)
+                   if Path(f'/proc/{q}/cmdline').exists()]
+            return [c for c in cls if 'simcal.cli\0train\0' in c and str(tmp_path) in c]
+        t0 = time.time()
+        while time.time() - t0 < 240 and len(trainers()) < 3:
+            assert p.poll() is None, p.stdout.read().decode()[-3000:]
+            time.sleep(1)
+        assert len(trainers()) >= 3 and len(_procs_with(marker)) >= 5, 'repro, kernel, torchrun and 2 ranks should run'
+        if sig == 'kernel':   # the kernel dies at once (no clean-up of its own): its steps must die with it
+            kernel = [q for q in _procs_with(marker) if b'ipykernel' in Path(f'/proc/{q}/cmdline').read_bytes()]
+            assert len(kernel) == 1
+            os.kill(kernel[0], signal.SIGKILL)
+        else:
+            p.send_signal(getattr(signal, sig))
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == (1 if sig == 'kernel' else 130), out.decode()[-3000:]
+        t0 = time.time()
+        while _procs_with(marker) and time.time() - t0 < 60: time.sleep(1)
+        assert _procs_with(marker) == [], 'processes left behind'
+        assert not (tmp_path / 'f' / 'notebooks' / 'lvis_mrcnn.ipynb').exists()   # no half-written output
+    finally:
+        if p.poll() is None: p.kill()
+        for q in _procs_with(marker):
+            try: os.kill(q, signal.SIGKILL)
+            except OSError: pass
