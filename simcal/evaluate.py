@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 
 from .core import (PROTOCOLS, Protocol, InputError, atomic_write, bin_edges, bin_index, bin_label, load_json,
-                         save_json, table_path)
+                         save_json, table_path, int_range, positive_int, writable_file)
+from .checks import ALLOW, RLE_PROBLEMS, add_allow_argument, check_ground_truth, parse_allow, rle_string_sums
 
 # %% auto #0
 __all__ = ['ENGINES', 'PROTOCOL_NAMES', 'IOU_TYPES', 'LVIS_KEYS', 'COCO_KEYS', 'STATS_TABLES', 'resolve_protocol',
-           'lvis_api_numpy_compat', 'GroundTruth', 'default_stats_name', 'train_instance_counts', 'check_results',
-           'cap_detections', 'prepare_detections', 'EvalArrays', 'summarize', 'per_category_ap', 'bin_metrics',
-           'evaluate_detections', 'format_summary', 'BinnedEvaluator', 'configure_evaluate_parser', 'run_evaluate',
-           'plot_bin_ap', 'bin_ap_table', 'save_figure']
+           'lvis_api_numpy_compat', 'GroundTruth', 'default_stats_name', 'check_stats_match', 'train_instance_counts',
+           'check_results', 'cap_detections', 'prepare_detections', 'EvalArrays', 'summarize', 'per_category_ap',
+           'bin_metrics', 'evaluate_detections', 'format_summary', 'BinnedEvaluator', 'configure_evaluate_parser',
+           'run_evaluate', 'plot_bin_ap', 'bin_ap_table', 'save_figure']
 
 # %% ../nbs/03_evaluate.ipynb #5570f8c6
 ENGINES = ('hotcoco', 'lvis-api', 'pycocotools', 'faster-coco-eval')
@@ -60,7 +61,9 @@ class GroundTruth:
     "An LVIS or COCO annotation set (file or dict), with each engine's loaded view built once."
     def __init__(self, source, # path of an annotation JSON, a loaded dict, or a `GroundTruth`
                  name:str|None=None, # how messages name it (default: the path)
+                 allow=(), # checks to skip (`simcal.checks.ALLOW`: 'degenerate-boxes', 'invalid-polygons')
                 ):
+        self.allow, self._checked = parse_allow(allow), False
         if isinstance(source, GroundTruth): source = source.path or source._dataset
         if isinstance(source, dict):
             self.path, self._dataset = None, source
@@ -79,6 +82,7 @@ class GroundTruth:
             if k not in d: raise InputError(self.name, "missing field", field=k)
             if not isinstance(d[k], list): raise InputError(self.name, "must be a list", field=k)
         if not d['images']: raise InputError(self.name, "no images", field='images')
+        if not d['categories']: raise InputError(self.name, "no categories", field='categories')
 
     @property
     def dataset(self) -> dict:
@@ -89,28 +93,24 @@ class GroundTruth:
             self._dataset = d
         return self._dataset
 
+    def check(self):
+        "Validate the ground truth once (`simcal.checks.check_ground_truth`), before any engine reads it."
+        if not self._checked:
+            check_ground_truth(self.dataset, self.name, allow=self.allow, segmentation=False)
+            self._checked = True
+        return self
+
     def hotcoco(self):
-        "hotcoco's `COCO` of this ground truth (built once)."
+        "hotcoco's `COCO` of this ground truth (built once, from the file while the checks run)."
         if 'hotcoco' not in self._views:
             hc = _hotcoco()
-            try: G = hc.COCO(str(self.path) if self._dataset is None else self._dataset)
+            loading = _in_thread(hc.COCO, str(self.path) if self._dataset is None else self._dataset) \
+                if self._dataset is None else None
+            self.check()
+            try: G = loading() if loading is not None else hc.COCO(self._dataset)
             except Exception as e: raise InputError(self.name, f"not a valid LVIS/COCO annotation file: {e}") from None
             self._views['hotcoco'] = G
-            self._check_index(G)
         return self._views['hotcoco']
-
-    def _check_index(self, G):
-        imgs = G.imgs
-        if not imgs: raise InputError(self.name, "no images", field='images')
-        for iid, im in imgs.items():
-            for k in ('height', 'width'):
-                if not (_is_real(im.get(k)) and im.get(k) > 0):
-                    raise InputError(self.name, f"image size must be a positive number, got {im.get(k)!r}",
-                                     record=f"image id={iid}", field=k)
-        ids = G.get_ann_ids()
-        if ids and min(ids) <= 0:
-            raise InputError(self.name, "annotation ids must be positive (the reference evaluators read id 0 as "
-                             "'unmatched')", record=f"annotation id={min(ids)}", field='id')
 
     @property
     def images(self) -> dict:
@@ -138,6 +138,7 @@ class GroundTruth:
 
     def lvis_api(self):
         "lvis-api's `LVIS` of this ground truth (built once)."
+        self.check()
         if 'lvis-api' not in self._views:
             from lvis import LVIS
             obj = LVIS.__new__(LVIS)
@@ -149,6 +150,7 @@ class GroundTruth:
 
     def pycocotools(self):
         "pycocotools' `COCO` of this ground truth (built once)."
+        self.check()
         if 'pycocotools' not in self._views:
             from pycocotools.coco import COCO
             with contextlib.redirect_stdout(io.StringIO()):
@@ -158,6 +160,7 @@ class GroundTruth:
 
     def faster_coco_eval(self):
         "faster-coco-eval's `COCO` of this ground truth (built once)."
+        self.check()
         if 'faster-coco-eval' not in self._views:
             from faster_coco_eval import COCO
             self._views['faster-coco-eval'] = COCO(_with_federated_lists(copy.deepcopy(self.dataset)),
@@ -175,13 +178,13 @@ STATS_TABLES = ('lvis_v0.5', 'lvis_v1', 'coco_lt')
 
 def _table_counts(name:str) -> dict:
     "{category_id: training instance count} of a shipped table (COCO-LT is keyed by COCO category id)."
-    return dict(_read_table(name))
+    return {c: n for c, n, _ in _read_table(name)}
 
 @functools.lru_cache(maxsize=None)
 def _read_table(name):
     recs = load_json(table_path(name), 'category table')
     key = 'coco_category_id' if 'coco_category_id' in recs[0] else 'id'
-    return tuple((int(r[key]), int(r['instance_count'])) for r in recs)
+    return tuple((int(r[key]), int(r['instance_count']), r.get('name')) for r in recs)
 
 def default_stats_name(category_ids) -> str|None:
     "The shipped table matching a ground truth's categories: LVIS v0.5 (1230), LVIS v1 (1203), COCO (the 80), else None."
@@ -190,8 +193,32 @@ def default_stats_name(category_ids) -> str|None:
         if ids == set(_table_counts(name)): return name
     return None
 
+def check_stats_match(counts:dict, # category id -> training instances
+                      names:dict, # category id -> name, where the statistics have names
+                      gt:GroundTruth, # the ground truth they are used with
+                      source:str, # how messages name the statistics
+                     ) -> None:
+    "Training statistics must belong to the ground truth: the same category ids, and the same names where both have them."
+    cats = gt.categories
+    missing, extra = sorted(set(cats) - set(counts)), sorted(set(counts) - set(cats))
+    def real(name, c): return name is not None and name != str(c)  # (a name that is just the id is a placeholder)
+    renamed = [c for c in sorted(set(cats) & set(names))
+               if real(cats[c].get('name'), c) and real(names[c], c) and names[c] != cats[c]['name']]
+    if not (missing or extra or renamed): return
+    why = []
+    if missing: why.append(f"{len(missing)} of the ground truth's {len(cats)} categories are not in them (ids {missing[:5]})")
+    if extra: why.append(f"{len(extra)} of their categories are not in the ground truth (ids {extra[:5]})")
+    if renamed:
+        c = renamed[0]
+        why.append(f"{len(renamed)} categories have other names (id {c}: {names[c]!r} in them, {cats[c]['name']!r} in "
+                   f"{gt.name})")
+    raise InputError(source, "training statistics of another dataset: " + '; '.join(why) + ". Pass the statistics of "
+                     "this ground truth's training set, or --allow foreign-stats to use these (categories missing from "
+                     "them count as 0 training instances)", field='categories')
+
 def train_instance_counts(stats, # None, table name, path, `CategoryStats`-like or {category_id: count}
-                          gt:GroundTruth|None=None, # for the default table and for messages
+                          gt:GroundTruth|None=None, # for the default table, the match check and messages
+                          allow=(), # 'foreign-stats': use statistics whose categories differ from the ground truth's
                          ) -> tuple[dict, str]:
     "`({category_id: training instance count}, source description)`; the one place that resolves `stats`."
     if stats is None:
@@ -200,20 +227,24 @@ def train_instance_counts(stats, # None, table name, path, `CategoryStats`-like 
         if name is None:
             raise InputError(gt.name, f"no shipped training statistics match its {len(gt.categories)} categories; pass "
                              f"--stats (a table: {', '.join(STATS_TABLES)}; or the training annotation file)")
-        return _table_counts(name), name
-    if isinstance(stats, dict):
+        counts, source, names = _table_counts(name), name, {c: n for c, _, n in _read_table(name)}
+    elif isinstance(stats, dict):
         bad = [k for k, v in stats.items() if not (_is_int(v) and v >= 0)]
         if bad: raise InputError('stats', f"training instance counts must be integers >= 0, got {stats[bad[0]]!r}",
                                  record=f"category {bad[0]}")
-        return {int(k): int(v) for k, v in stats.items()}, 'dict'
-    if hasattr(stats, 'instance_counts'):
-        return {int(k): int(v) for k, v in dict(stats.instance_counts).items()}, str(getattr(stats, 'source', 'stats'))
-    if isinstance(stats, str) and stats in STATS_TABLES: return _table_counts(stats), stats
-    if isinstance(stats, (str, os.PathLike)):
+        counts, source, names = {int(k): int(v) for k, v in stats.items()}, 'dict', {}
+    elif hasattr(stats, 'instance_counts'):
+        counts = {int(k): int(v) for k, v in dict(stats.instance_counts).items()}
+        source, names = str(getattr(stats, 'source', 'stats')), dict(getattr(stats, 'names_by_id', {}) or {})
+    elif isinstance(stats, str) and stats in STATS_TABLES:
+        counts, source, names = _table_counts(stats), stats, {c: n for c, _, n in _read_table(stats)}
+    elif isinstance(stats, (str, os.PathLike)):
         from simcal.data import CategoryStats  # a table or annotation file: counted (and checked) there
         cs = CategoryStats.from_table(stats)
-        return {int(k): int(v) for k, v in cs.instance_counts.items()}, str(stats)
-    raise TypeError(f"stats must be a table name, a path, a CategoryStats or a dict, not {type(stats).__name__}")
+        counts, source, names = {int(k): int(v) for k, v in cs.instance_counts.items()}, str(stats), cs.names_by_id
+    else: raise TypeError(f"stats must be a table name, a path, a CategoryStats or a dict, not {type(stats).__name__}")
+    if gt is not None and 'foreign-stats' not in parse_allow(allow): check_stats_match(counts, names, gt, source)
+    return counts, source
 
 # %% ../nbs/03_evaluate.ipynb #c092136d
 def _where(name, i, r=None):
@@ -225,16 +256,18 @@ def check_results(records, # list of detection records
                   gt:GroundTruth, # the ground truth they refer to
                   iou_type:str='bbox', # 'bbox' or 'segm'
                   name:str='results', # how messages name the results (file path)
+                  allow=(), # checks to skip (`simcal.checks.ALLOW`: 'negative-scores')
                  ) -> list:
     "Check every detection record; raise an `InputError` at the first bad one, else return `records`."
     if not isinstance(records, list): raise InputError(name, f"results must be a JSON list of detections, "
                                                        f"not {type(records).__name__}")
-    if not _records_look_valid(records, gt, iou_type): _explain_bad_record(records, gt, iou_type, name)
+    allow = parse_allow(allow)
+    if not _records_look_valid(records, gt, iou_type, allow): _explain_bad_record(records, gt, iou_type, name, allow)
     return records
 
 _INTS, _REALS = {int, np.int32, np.int64}, {int, float, np.float32, np.float64, np.int32, np.int64}
 
-def _records_look_valid(records, gt, iou_type) -> bool:
+def _records_look_valid(records, gt, iou_type, allow=frozenset()) -> bool:
     "All checks of `_explain_bad_record`, column by column (fast); False if any record may be bad."
     if not records: return True
     if set(map(type, records)) != {dict}: return False
@@ -250,6 +283,7 @@ def _records_look_valid(records, gt, iou_type) -> bool:
     img, cat, score = np.asarray(img, np.int64), np.asarray(cat, np.int64), np.asarray(score, np.float64)
     img_ids = np.fromiter(gt.images, np.int64); cat_ids = np.fromiter(gt.categories, np.int64)
     if not (np.isin(img, img_ids).all() and np.isin(cat, cat_ids).all() and np.isfinite(score).all()): return False
+    if 'negative-scores' not in allow and len(score) and score.min() < 0: return False
     if box:
         if set(map(type, box)) - {list, tuple} or {len(b) for b in box} != {4}: return False
         if set(map(type, (v for b in box for v in b))) - _REALS: return False
@@ -263,10 +297,19 @@ def _records_look_valid(records, gt, iou_type) -> bool:
             return False
         if set(map(type, (v for z in size for v in z))) - _INTS: return False
         hw = {i: (im['height'], im['width']) for i, im in gt.images.items()}
-        if not (np.asarray(size, np.int64) == np.asarray([hw[i] for i in img.tolist()], np.int64)).all(): return False
+        z = np.asarray(size, np.int64)
+        if not (z == np.asarray([hw[i] for i in img.tolist()], np.int64)).all(): return False
+        if not _rles_fit(counts, z[:, 0] * z[:, 1]): return False
     return True
 
-def _explain_bad_record(records, gt, iou_type, name):
+def _rles_fit(counts, pixels) -> bool:
+    "Do these compressed RLE strings decode, each to `pixels` pixels?"
+    enc = [c.encode() if isinstance(c, str) else c for c in counts]
+    lengths = np.fromiter(map(len, enc), np.int64, len(enc))
+    sums, codes = rle_string_sums(b''.join(enc), np.r_[0, np.cumsum(lengths)[:-1]], lengths)
+    return not codes.any() and bool((sums == pixels).all())
+
+def _explain_bad_record(records, gt, iou_type, name, allow=frozenset()):
     "Find the first bad record and raise an `InputError` naming it."
     images, cats = gt.images, gt.categories
     boxes_decide = isinstance(records[0], dict) and 'bbox' in records[0]
@@ -282,6 +325,9 @@ def _explain_bad_record(records, gt, iou_type, name):
                              field='category_id')
         if not (_is_real(s) and math.isfinite(s)):
             raise InputError(name, f"score must be a finite number, got {s!r}", record=_where(name, i, r), field='score')
+        if s < 0 and 'negative-scores' not in allow:
+            raise InputError(name, f"negative score {s!r}; pass --allow negative-scores to rank it as it is",
+                             record=_where(name, i, r), field='score')
         if iou_type == 'bbox' or 'bbox' in r or boxes_decide:
             if 'bbox' not in r:
                 why = '' if iou_type == 'bbox' else ' (the first record carries a box, so every record must)'
@@ -311,6 +357,13 @@ def _check_segmentation(m, image, name, where):
                          record=where, field='segmentation')
     if not isinstance(counts, (str, bytes)):
         raise InputError(name, f"RLE counts must be a compressed string, got {type(counts).__name__}",
+                         record=where, field='segmentation')
+    c = counts.encode() if isinstance(counts, str) else counts
+    (total,), (code,) = rle_string_sums(c, [0], [len(c)])
+    if code: raise InputError(name, f"RLE counts do not decode: {RLE_PROBLEMS[int(code)]}", record=where,
+                              field='segmentation')
+    if total != h * w:
+        raise InputError(name, f"RLE counts cover {int(total)} pixels, not the image's {h} x {w} = {h * w}",
                          record=where, field='segmentation')
 
 # %% ../nbs/03_evaluate.ipynb #b26d78d4
@@ -384,19 +437,29 @@ _WINDOW = 48  # bytes looked at around each 'z' (a multiple of 8)
 
 def _scan_results_bytes(a:np.ndarray, iou_type:str, chunk:int=1 << 22):
     "Cheap facts about a results file (its bytes as uint8): None if anything needs the record-by-record path."
-    n_x, minus, zs = 0, [], []
+    n_x, minus, zs, quotes = 0, [], [], []
     for i in range(0, len(a), chunk):  # in chunks: small temporaries, one pass
         ch = a[i:i + chunk]
         n_x += int(np.count_nonzero(ch == ord('x')))  # 'x' only in the key "bbox"
         minus.append(np.flatnonzero(ch == ord('-')) + i)
-        if iou_type == 'segm': zs.append(np.flatnonzero(ch == ord('z')) + i)  # 'z' only in the key "size"
-    facts = {'bbox': n_x, 'windows': None}
+        if iou_type == 'segm':
+            zs.append(np.flatnonzero(ch == ord('z')) + i)  # 'z' only in the key "size"
+            quotes.append(np.flatnonzero(ch == ord('"')) + i)
+    facts = {'bbox': n_x, 'windows': None, 'rle_sums': None}
     minus = np.concatenate(minus)
-    # every '-' in a box must be an exponent sign (without boxes, hotcoco's types leave no room for a bad sign)
-    if n_x and len(minus) and ((minus == 0).any() or not np.isin(a[minus - 1], (ord('e'), ord('E'))).all()): return None
+    # every '-' must be an exponent sign: a negative score, id or size takes the record-by-record path
+    if len(minus) and ((minus == 0).any() or not np.isin(a[minus - 1], (ord('e'), ord('E'))).all()): return None
     if iou_type == 'segm':
         z = np.concatenate(zs)
         if len(z) == 0 or z[0] < 3: return None
+        # the counts string of each record: the 4th and 5th quotes after its 'z' ("size" "counts" "...")
+        q = np.concatenate(quotes)
+        k = np.searchsorted(q, z)
+        if k[-1] + 4 >= len(q): return None
+        opening, closing = q[k + 3] + 1, q[k + 4]
+        rle = rle_string_sums(a, opening, closing - opening, json_escaped=True)
+        if rle is None or rle[1].any(): return None  # the record-by-record path names the record
+        facts['rle_sums'] = rle[0]
         if z[-1] - 3 + _WINDOW > len(a): a = np.concatenate([a, np.zeros(_WINDOW, np.uint8)])
         # `"size": [h, w], "counts": "` as written: rows of a sliding view, no index matrix
         facts['windows'] = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(a, _WINDOW)[z - 3])
@@ -503,6 +566,10 @@ def _fast_checks_pass(G, R0, facts, images, n, iou_type):
             ids = np.asarray(R0.get_ann_ids(img_ids=[iid]), np.int64)
             record_image[ids - 1] = iid
         if not _sizes_match(facts['windows'], record_image, images): return False
+        # every mask decodes (checked in the scan) to its image's height x width pixels
+        ids = np.array(sorted(images), np.int64)
+        pixels = np.array([images[i]['height'] * images[i]['width'] for i in ids.tolist()], np.int64)
+        if not (facts['rle_sums'] == pixels[np.searchsorted(ids, record_image)]).all(): return False
     return True
 
 # %% ../nbs/03_evaluate.ipynb #3f7b0ced
@@ -629,11 +696,14 @@ def evaluate_detections(gt, # ground truth: annotation JSON path, loaded dict or
                         engine:str='hotcoco', # one of `ENGINES`; 'lvis-api' means the official API of the protocol (pycocotools for COCO's)
                         max_dets:int|None=None, # detections per image (LVIS cap / COCO's largest maxDets); None: protocol's
                         results_name:str|None=None, # how messages name in-memory results
+                        allow=(), # checks to skip, never silently (`simcal.checks.ALLOW`); recorded in `meta`
                        ) -> dict:
     "Evaluate detections: the official metrics, per-category AP and AP per bin of training instance count."
     if iou_type not in IOU_TYPES: raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
     if engine not in ENGINES: raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
-    gt = gt if isinstance(gt, GroundTruth) else GroundTruth(gt)
+    allow = parse_allow(allow)
+    gt = gt if isinstance(gt, GroundTruth) else GroundTruth(gt, allow=allow)
+    gt.check()  # before any engine reads it
     prot = resolve_protocol(protocol, gt.is_lvis if protocol is None else True)
     style = prot.eval_style
     if engine in ('pycocotools',) and style != 'coco':
@@ -642,7 +712,7 @@ def evaluate_detections(gt, # ground truth: annotation JSON path, loaded dict or
     bin_edges(f, m)  # checks f, m
     max_dets = prot.max_dets if max_dets is None else int(max_dets)
     if max_dets < 1 or (style == 'coco' and max_dets <= 10): raise ValueError(f"max_dets too small: {max_dets}")
-    counts, source = train_instance_counts(stats, gt)
+    counts, source = train_instance_counts(stats, gt, allow)
     if style == 'lvis': gt.check_lvis_areas()
     is_file = isinstance(results, (str, os.PathLike))
     name = str(results) if is_file else (results_name or '<results>')
@@ -653,7 +723,7 @@ def evaluate_detections(gt, # ground truth: annotation JSON path, loaded dict or
         if fast is not None: arrays, n_in = fast; reader = 'hotcoco'
     if arrays is None:
         records = load_json(results, 'results file') if is_file else results
-        check_results(records, gt, iou_type, name)
+        check_results(records, gt, iou_type, name, allow)
         n_in = len(records)
         if not records:
             warnings.warn(f"{name}: no detections; every category with ground truth gets AP 0.0 (evaluated by hotcoco: "
@@ -688,7 +758,8 @@ def evaluate_detections(gt, # ground truth: annotation JSON path, loaded dict or
                        'num_images': len(gt.images), 'num_detections': n_in,
                        'num_detections_evaluated': arrays.num_detections, 'num_categories': len(arrays.cat_ids),
                        'num_categories_evaluated': len(evaluated), 'ground_truth': gt.name, 'results': name,
-                       'results_reader': reader if is_file else 'in memory'}
+                       'results_reader': reader if is_file else 'in memory',
+                       'allow': sorted(allow | gt.allow)}
     return metrics
 
 # %% ../nbs/03_evaluate.ipynb #7eb166bf
@@ -732,10 +803,11 @@ class BinnedEvaluator:
     def __init__(self, gt, # ground truth: path, dict or `GroundTruth` (loaded once)
                  iou_types=('bbox', 'segm'), # what to evaluate
                  protocol=None, stats=None, bins=None, engine:str='hotcoco', max_dets:int|None=None, # see `evaluate_detections`
+                 allow=(), # checks to skip (`simcal.checks.ALLOW`), see `evaluate_detections`
                 ):
-        self.gt = gt if isinstance(gt, GroundTruth) else GroundTruth(gt)
+        self.gt = gt if isinstance(gt, GroundTruth) else GroundTruth(gt, allow=allow)
         self.iou_types = (iou_types,) if isinstance(iou_types, str) else tuple(iou_types)
-        self.kwargs = dict(protocol=protocol, stats=stats, bins=bins, engine=engine, max_dets=max_dets)
+        self.kwargs = dict(protocol=protocol, stats=stats, bins=bins, engine=engine, max_dets=max_dets, allow=allow)
         self.reset()
 
     def reset(self):
@@ -786,28 +858,34 @@ def configure_evaluate_parser(parser:argparse.ArgumentParser) -> None:
     p.add_argument('--stats', default=None, metavar='NAME_OR_PATH',
                    help=f"training statistics for the bins: a shipped table ({', '.join(STATS_TABLES)}), a table JSON "
                         "or the training annotations; default: the table matching the ground truth's categories")
-    p.add_argument('--out', default=None, help='write the metrics here (JSON)')
+    p.add_argument('--out', default=None, type=writable_file,
+                   help='write the metrics here (JSON; checked writable before the evaluation starts)')
     p.add_argument('--engine', default='hotcoco', choices=ENGINES, help="evaluation engine (lvis-api and pycocotools "
                    "are the references)")
-    p.add_argument('--bin-base', type=int, default=None, help="bin base f (default: the protocol's)")
-    p.add_argument('--bin-count', type=int, default=None, help="bin count m, giving m+1 bins (default: the protocol's)")
-    p.add_argument('--max-dets', type=int, default=None, help="detections per image (default: the protocol's)")
+    p.add_argument('--bin-base', type=int_range(2), default=None, help="bin base f >= 2 (default: the protocol's)")
+    p.add_argument('--bin-count', type=positive_int, default=None,
+                   help="bin count m >= 1, giving m+1 bins (default: the protocol's)")
+    p.add_argument('--max-dets', type=positive_int, default=None,
+                   help="detections per image, >= 1 (COCO: > 10, its AR@10 needs more; default: the protocol's)")
+    add_allow_argument(p)
     p.add_argument('--quiet', action='store_true', help='do not print the summary')
 
 def run_evaluate(args) -> int:
     "Run `simcal evaluate`."
-    gt = GroundTruth(args.gt)
+    allow = parse_allow(getattr(args, 'allow', ()))
+    gt = GroundTruth(args.gt, allow=allow)
     prot = resolve_protocol(args.protocol, gt.is_lvis if args.protocol is None else True)
     bins = None
     if args.bin_base is not None or args.bin_count is not None:
-        bins = (args.bin_base or prot.bin_base, args.bin_count or prot.bin_count)
+        bins = (prot.bin_base if args.bin_base is None else args.bin_base,
+                prot.bin_count if args.bin_count is None else args.bin_count)
     try: metrics = evaluate_detections(gt, args.results, args.iou_type, protocol=prot, stats=args.stats,
-                                       bins=bins, engine=args.engine, max_dets=args.max_dets)
+                                       bins=bins, engine=args.engine, max_dets=args.max_dets, allow=allow)
     except ValueError as e:
         if isinstance(e, InputError): raise
         raise InputError('arguments', str(e)) from None
     if not args.quiet: print(format_summary(metrics))
-    if args.out: save_json(metrics, args.out, indent=1)
+    if args.out is not None: save_json(metrics, args.out, indent=1)
     return 0
 
 # %% ../nbs/03_evaluate.ipynb #0acc1f86

@@ -296,6 +296,13 @@ BAD_CASES = [
     ('mask size', lambda d: d[7]['segmentation'].update(size=[17, 19]), 'segmentation', 'differs from its image'),
     ('missing mask', lambda d: d[7].pop('segmentation'), 'segmentation', 'missing field'),
     ('polygon mask', lambda d: d[7].update(segmentation=[[1, 1, 5, 1, 5, 5]]), 'segmentation', 'compressed RLE'),
+    # the masks must decode and fit their image (the reference APIs score such masks, lvis-api can hang on them)
+    ('garbage RLE', lambda d: d[7]['segmentation'].update(counts='garbage!'), 'segmentation', 'do not decode'),
+    ('RLE past the image', lambda d: d[7]['segmentation'].update(counts=d[7]['segmentation']['counts'] + '1'),
+     'segmentation', 'pixels, not the image'),
+    ('RLE ending inside a number', lambda d: d[7]['segmentation'].update(counts=d[7]['segmentation']['counts'] + 'o'),
+     'segmentation', 'ends inside a number'),
+    ('negative score', lambda d: d[7].update(score=-0.5), 'score', 'negative score'),
 ]
 
 
@@ -315,6 +322,21 @@ def test_bad_results(lvis_data, tmp_path, iou_type, case, change, field, msg):
             text = str(e.value)
             assert 'results[7]' in text and f"field '{field}'" in text and msg in text, text
             if isinstance(source, Path): assert str(source) in text
+
+
+@pytest.mark.parametrize('iou_type', ['bbox', 'segm'])
+def test_negative_scores_allowed_rank_as_given(lvis_data, tmp_path, iou_type):
+    "--allow negative-scores: scores shifted below 0 keep their order, so every number is the same as unshifted."
+    gt, dets = lvis_data
+    dets = copy.deepcopy(dets[:400]); stats = stats_for(gt)
+    ref = evaluate_detections(gt, dets, iou_type, stats=stats)
+    shifted = [dict(d, score=d['score'] - 2.0) for d in dets]
+    save_json(shifted, tmp_path / 'res.json')
+    for source in (shifted, tmp_path / 'res.json'):
+        with pytest.raises(InputError, match='negative score'): evaluate_detections(gt, source, iou_type, stats=stats)
+        m = evaluate_detections(gt, source, iou_type, stats=stats, allow=['negative-scores'])
+        assert m['meta']['allow'] == ['negative-scores']
+        for k in LVIS_HEADLINE + ('bAP',): assert m[k] == ref[k], k
 
 
 def test_malformed_files(lvis_data, tmp_path):
@@ -381,9 +403,11 @@ def test_cli_bad_input_exits_2_without_metrics(lvis_data, tmp_path, capsys, chan
     gt, dets = lvis_data
     dets = copy.deepcopy(dets); change(dets)
     save_json(gt, tmp_path / 'gt.json'); save_json(dets, tmp_path / 'res.json')
+    save_json([{'id': c, 'name': f'cat{c}', 'instance_count': n, 'image_count': 1} for c, n in stats_for(gt).items()],
+              tmp_path / 'table.json')
     out = tmp_path / 'metrics.json'
     code = main(['evaluate', str(tmp_path / 'gt.json'), str(tmp_path / 'res.json'), '--iou-type', 'segm',
-                 '--stats', 'lvis_v0.5', '--out', str(out)])
+                 '--stats', str(tmp_path / 'table.json'), '--out', str(out)])
     err = capsys.readouterr().err
     assert code == 2 and msg in err and 'res.json' in err, err
     assert not out.exists() and not list(tmp_path.glob('.metrics.json*'))
