@@ -17,10 +17,11 @@ from .core import InputError
 from .data import CategoryStats, LabelMap
 
 # %% auto #0
-__all__ = ['NORCAL_GAMMAS', 'LOGIT_ADJUSTMENT_TAUS', 'TAU_NORM_TAUS', 'BAGS_BOUNDARIES', 'BAGS_OTHERS_RATIO', 'counts_per_label',
-           'norcal_logits', 'norcal_scores', 'logit_adjusted_logits', 'logit_adjusted_scores', 'tau_normalized_weight',
-           'tau_normalize_classifier', 'HeldOutSplit', 'heldout_split', 'SearchResult', 'search_hyperparameter',
-           'BAGSGroups', 'bags_loss', 'bags_scores', 'FrozenFeatureClassifier', 'CRTHead', 'LWSHead', 'BAGSHead']
+__all__ = ['NORCAL_GAMMAS', 'LOGIT_ADJUSTMENT_TAUS', 'TAU_NORM_TAUS', 'CORRECTIONS', 'BAGS_BOUNDARIES', 'BAGS_OTHERS_RATIO',
+           'counts_per_label', 'norcal_logits', 'norcal_scores', 'logit_adjusted_logits', 'logit_adjusted_scores',
+           'tau_normalized_weight', 'tau_normalize_classifier', 'HeldOutSplit', 'heldout_split', 'SearchResult',
+           'search_hyperparameter', 'CorrectedPredictor', 'BAGSGroups', 'bags_loss', 'bags_scores',
+           'FrozenFeatureClassifier', 'CRTHead', 'LWSHead', 'BAGSHead']
 
 # %% ../nbs/08_longtail.ipynb #521aa773
 def counts_per_label(stats:CategoryStats, # training statistics (a shipped table or counted from annotations)
@@ -178,6 +179,48 @@ def search_hyperparameter(score:Callable, # score(value, heldout_ids) -> float, 
         scores[v] = s
     best = max(values, key=lambda v: (scores[v], -values.index(v)))
     return SearchResult(best, scores[best], scores, split.heldout_ids)
+
+# %% ../nbs/08_longtail.ipynb #960e373b
+CORRECTIONS = ('norcal', 'logit_adjustment', 'tau_norm')
+_CORRECTION_OPTIONS = {'norcal': {'min_count'}, 'logit_adjustment': {'background_prior', 'min_count'},
+                       'tau_norm': {'background', 'bias'}}
+
+class CorrectedPredictor(nn.Module):
+    """A detector's box predictor (`x -> (class_logits, box_deltas)`, torchvision layout, background at column 0)
+    whose class logits carry one inference-only correction. torchvision's `RoIHeads` takes a softmax of the logits
+    afterwards, which then gives exactly the corrected scores (NorCal, logit adjustment) or the tau-normalised
+    classifier's scores. Boxes are untouched."""
+    is_calibration_wrapper = True   # `simcal.calibration.original_box_heads` looks through it to `.box_predictor`
+
+    def __init__(self, box_predictor:nn.Module, # has `cls_score` (nn.Linear on the flattened input) and returns (logits, deltas)
+                 method:str, # one of CORRECTIONS
+                 strength:float, # gamma (NorCal) or tau (logit adjustment, tau-norm); 0 = the original scores
+                 counts=None, # (C+1,) training counts per label: images for NorCal, instances for logit adjustment
+                 **options, # the method's options: min_count; background_prior; background, bias
+                ):
+        super().__init__()
+        if method not in CORRECTIONS: raise ValueError(f"unknown correction {method!r}; known: {', '.join(CORRECTIONS)}")
+        unknown = set(options) - _CORRECTION_OPTIONS[method]
+        if unknown: raise ValueError(f"{method} takes no option {sorted(unknown)}; its options: {sorted(_CORRECTION_OPTIONS[method])}")
+        self.box_predictor, self.method, self.strength, self.options = box_predictor, method, float(strength), dict(options)
+        n = box_predictor.cls_score.out_features
+        if method == 'tau_norm':
+            self.tau_classifier = tau_normalize_classifier(box_predictor.cls_score, self.strength, **options)
+            self.register_buffer('counts', None)
+        else:
+            if counts is None: raise ValueError(f"{method} needs the training counts per label (C+1 values)")
+            counts = torch.as_tensor(counts, dtype=torch.float64)
+            if counts.shape != (n,): raise ValueError(f"{counts.numel()} counts for a classifier of {n} outputs (C+1, background first)")
+            self.register_buffer('counts', counts)
+
+    def forward(self, x):
+        logits, deltas = self.box_predictor(x)
+        if self.method == 'norcal': logits = norcal_logits(logits, self.counts, self.strength, **self.options)
+        elif self.method == 'logit_adjustment': logits = logit_adjusted_logits(logits, self.counts, self.strength, **self.options)
+        else: logits = self.tau_classifier(x.flatten(start_dim=1))
+        return logits, deltas
+
+    def extra_repr(self): return f"method={self.method!r}, strength={self.strength}"
 
 # %% ../nbs/08_longtail.ipynb #30d3f859
 BAGS_BOUNDARIES = (10, 100, 1000)   # groups (0,10), [10,100), [100,1000), [1000,inf) by training instances

@@ -241,6 +241,8 @@ class RepeatFactorSampler(EpochStreamSampler):
         rng = np.random.default_rng([self.seed, 0x52465321, int(epoch)])
         return (self._int + (rng.random(len(self._frac)) < self._frac)).astype(np.int64)
 
+    def epoch_length(self, epoch:int) -> int: return int(self.epoch_counts(epoch).sum())
+
     def epoch_indices(self, epoch:int) -> np.ndarray:
         "The dataset indices of epoch `epoch`, each repeated its epoch count, shuffled."
         idx = np.repeat(np.arange(len(self.repeat_factors)), self.epoch_counts(epoch))

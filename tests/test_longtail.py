@@ -302,3 +302,28 @@ def test_bags_head(box_head):
     assert (head.probabilities(head(xt)).argmax(1) == yt).float().mean() > 0.9
     # published defaults
     assert head.others_ratio == 8.0 and head.freeze_trunk
+
+
+# ---- the corrections as a detector's predictor
+def test_corrected_predictor_on_simcal_predictors():
+    from simcal.model import AgnosticBoxPredictor
+    from simcal.longtail import CorrectedPredictor
+    torch.manual_seed(2)
+    pred = AgnosticBoxPredictor(32, 6).eval()
+    x = torch.randn(9, 32)
+    z, d = pred(x)
+    n = torch.tensor([0., 1., 5., 50., 500., 5000.])
+    for method in ('norcal', 'logit_adjustment'):
+        wrapped = CorrectedPredictor(pred, method, 0.0, n)
+        z0, d0 = wrapped(x)
+        assert torch.equal(z0, z) and torch.equal(d0, d)
+    zn, dn = CorrectedPredictor(pred, 'norcal', 1.2, n)(x)
+    torch.testing.assert_close(torch.softmax(zn, 1), norcal_scores(z, n, 1.2))
+    assert torch.equal(dn, d)
+    zl, _ = CorrectedPredictor(pred, 'logit_adjustment', 1.0, n, background_prior=0.9)(x)
+    torch.testing.assert_close(torch.softmax(zl, 1), logit_adjusted_scores(z, n, 1.0, background_prior=0.9))
+    zt, _ = CorrectedPredictor(pred, 'tau_norm', 0.7, background='normalize')(x)
+    torch.testing.assert_close(zt, tau_normalize_classifier(pred.cls_score, 0.7, background='normalize')(x))
+    assert torch.equal(CorrectedPredictor(pred, 'tau_norm', 0.0)(x)[0], z)
+    with pytest.raises(ValueError, match='6 outputs'): CorrectedPredictor(pred, 'norcal', 1.0, n[:5])
+    with pytest.raises(ValueError, match='unknown correction'): CorrectedPredictor(pred, 'seesaw', 1.0, n)

@@ -235,3 +235,10 @@ def test_class_aware_sampler_balances_classes(long_tail):
     halves = [list(s.batches(64, rank=q, world_size=2, num_iters=60)) for q in range(2)]
     assert [a.indices + b.indices for a, b in zip(*halves)] == [b.indices for b in through]
     with pytest.raises(ValueError, match='no class'): ClassAwareSampler({1: []}, 10)
+
+
+def test_rfs_epoch_length_matches_epoch_list():
+    r = np.array([1.0, 1.5, 2.25, 7.9, 1.0, 3.0])
+    s = RepeatFactorSampler(r, seed=3)
+    for e in range(20):
+        assert s.epoch_length(e) == len(s.epoch_indices(e)) == int(s.epoch_counts(e).sum())
