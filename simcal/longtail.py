@@ -383,12 +383,14 @@ class CRTHead(FrozenFeatureClassifier):
     def probabilities(self, logits): return torch.softmax(logits, dim=1)
 
 class LWSHead(FrozenFeatureClassifier):
-    "LWS (learnable weight scaling): the detector's classifier frozen, one learned scale per output, `f_c * (w_c x + b_c)`."
+    """LWS (learnable weight scaling): the detector's classifier frozen, one learned scale per output row,
+    logits `(f_c w_c) . x + b_c` (the EQLv2 code's `LWSLinear`), `f_c` initialised to 1."""
     def __init__(self, feature_shape:tuple=(256, 7, 7), num_classes:int=1231, hidden:int=1024,
-                 scale_background:bool=True, # False: the background scale stays 1
+                 scale_background:bool=True, # False: the background row keeps scale 1
+                 scale_bias:bool=False, # True: scale the whole logit, `f_c (w_c . x + b_c)`
                 ):
         super().__init__(feature_shape, hidden, freeze_trunk=True)
-        self.num_classes = num_classes
+        self.num_classes, self.scale_bias = num_classes, scale_bias
         self.cls_score = nn.Linear(hidden, num_classes)
         for p in self.cls_score.parameters(): p.requires_grad_(False)
         self.scales = nn.Parameter(torch.ones(num_classes))
@@ -403,7 +405,10 @@ class LWSHead(FrozenFeatureClassifier):
         return head
 
     def effective_scales(self): return self.scales * self.scale_mask + (1 - self.scale_mask)
-    def forward(self, x): return self.cls_score(self.features(x)) * self.effective_scales()
+    def forward(self, x):
+        f, s = self.features(x), self.effective_scales()
+        if self.scale_bias: return self.cls_score(f) * s
+        return F.linear(f, self.cls_score.weight * s[:, None], self.cls_score.bias)
     def loss(self, logits, labels, generator=None): return F.cross_entropy(logits, labels)
     def probabilities(self, logits): return torch.softmax(logits, dim=1)
 

@@ -270,8 +270,13 @@ def test_lws_head(box_head):
     feats = F.relu(fc7(F.relu(fc6(x.flatten(1)))))
     torch.testing.assert_close(head(x), cls(feats))                 # at init: the original classifier
     assert [n for n, p in head.named_parameters() if p.requires_grad] == ['scales']
-    with torch.no_grad(): head.scales.copy_(torch.tensor([1., 2., 3., 4., 5.]))
-    torch.testing.assert_close(head(x), cls(feats) * torch.tensor([1., 2., 3., 4., 5.]))
+    s = torch.tensor([1., 2., 3., 4., 5.])
+    with torch.no_grad(): head.scales.copy_(s)
+    # EQLv2's LWSLinear: the weight rows are scaled, the bias is not
+    torch.testing.assert_close(head(x), feats @ (cls.weight * s[:, None]).T + cls.bias)
+    whole = LWSHead.from_box_head(fc6, fc7, cls, feature_shape=(8, 7, 7), scale_bias=True)
+    with torch.no_grad(): whole.scales.copy_(s)
+    torch.testing.assert_close(whole(x), cls(feats) * s)
     nobg = LWSHead.from_box_head(fc6, fc7, cls, feature_shape=(8, 7, 7), scale_background=False)
     with torch.no_grad(): nobg.scales.fill_(3.0)
     torch.testing.assert_close(nobg(x)[:, 0], cls(feats)[:, 0])
