@@ -126,8 +126,8 @@ class GroundTruth:
 
     @property
     def is_lvis(self) -> bool:
-        "LVIS-format ground truth (its images carry `neg_category_ids`)."
-        return any('neg_category_ids' in im for im in self.images.values())
+        "LVIS-format ground truth (its images carry `neg_category_ids`, even empty ones: read from the file, as hotcoco drops empty lists)."
+        return any('neg_category_ids' in im for im in self.dataset['images'])
 
     def check_lvis_areas(self):
         "LVIS: every annotation needs a positive area (lvis-api drops the others without a word)."
@@ -154,7 +154,9 @@ class GroundTruth:
         if 'pycocotools' not in self._views:
             from pycocotools.coco import COCO
             with contextlib.redirect_stdout(io.StringIO()):
-                obj = COCO(); obj.dataset = copy.deepcopy(self.dataset); obj.createIndex()
+                obj = COCO(); obj.dataset = copy.deepcopy(self.dataset)
+                for a in obj.dataset['annotations']: a.setdefault('iscrowd', 0)  # optional in the format; pycocotools reads it
+                obj.createIndex()
             self._views['pycocotools'] = obj
         return self._views['pycocotools']
 

@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 import pycocotools.mask as mask_utils
 
-from .core import PROTOCOLS, InputError, bin_edges, bin_index, bin_label, load_json, save_json
+from .core import (PROTOCOLS, InputError, bin_edges, bin_index, bin_label, load_json, save_json, int_range,
+                         non_negative_int, positive_int, writable_dir)
 
 # %% auto #0
 __all__ = ['SHAPES', 'ROTATION_JITTER', 'COLOURS', 'TEXTURES', 'TEXTURE_WORDS', 'SIZES', 'SYNTH_FORMAT', 'FREQUENCY_RULE',
@@ -611,14 +612,17 @@ def format_synth_summary(s:dict) -> str:
 
 def configure_synth_parser(parser:argparse.ArgumentParser) -> None:
     "Options of `simcal data synth`."
-    parser.add_argument('--out', required=True, help='folder to create (images/ and annotations/ inside)')
-    parser.add_argument('--seed', type=int, default=0, help='random seed; the same seed gives identical files (default 0)')
-    parser.add_argument('--num-classes', type=int, default=40, help='number of categories (default 40)')
-    parser.add_argument('--num-train', type=int, default=800, help='training images (default 800)')
-    parser.add_argument('--num-val', type=int, default=200, help='val images (default 200)')
-    parser.add_argument('--image-size', type=int, default=128, help='side of the square images in pixels (default 128)')
-    parser.add_argument('--min-objects', type=int, default=2, help='fewest annotated objects per image (default 2)')
-    parser.add_argument('--max-objects', type=int, default=8, help='most annotated objects per image (default 8)')
+    parser.add_argument('--out', required=True, type=writable_dir,
+                        help='folder to create (images/ and annotations/ inside; checked writable before the work)')
+    parser.add_argument('--seed', type=non_negative_int, default=0,
+                        help='random seed >= 0; the same seed gives identical files (default 0)')
+    parser.add_argument('--num-classes', type=positive_int, default=40, help='number of categories (default 40)')
+    parser.add_argument('--num-train', type=positive_int, default=800, help='training images, >= 1 (default 800)')
+    parser.add_argument('--num-val', type=positive_int, default=200, help='val images, >= 1 (default 200)')
+    parser.add_argument('--image-size', type=int_range(32), default=128,
+                        help='side of the square images in pixels, >= 32 (default 128)')
+    parser.add_argument('--min-objects', type=positive_int, default=2, help='fewest annotated objects per image (default 2)')
+    parser.add_argument('--max-objects', type=positive_int, default=8, help='most annotated objects per image (default 8)')
     parser.add_argument('--force', action='store_true', help='replace --out if it holds anything else')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
 
