@@ -21,7 +21,8 @@ __all__ = ['NORCAL_GAMMAS', 'LOGIT_ADJUSTMENT_TAUS', 'TAU_NORM_TAUS', 'CORRECTIO
            'counts_per_label', 'norcal_logits', 'norcal_scores', 'logit_adjusted_logits', 'logit_adjusted_scores',
            'tau_normalized_weight', 'tau_normalize_classifier', 'HeldOutSplit', 'heldout_split', 'SearchResult',
            'search_hyperparameter', 'CorrectedPredictor', 'BAGSGroups', 'bags_loss', 'bags_scores',
-           'FrozenFeatureClassifier', 'CRTHead', 'LWSHead', 'BAGSHead']
+           'FrozenFeatureClassifier', 'CRTHead', 'LWSHead', 'BAGSHead', 'CorrectionScorer', 'HeadScorer',
+           'tau_norm_head']
 
 # %% ../nbs/08_longtail.ipynb #521aa773
 def counts_per_label(stats:CategoryStats, # training statistics (a shipped table or counted from annotations)
@@ -430,3 +431,54 @@ class BAGSHead(FrozenFeatureClassifier):
     def forward(self, x): return self.cls_score(self.features(x))
     def loss(self, logits, labels, generator=None): return bags_loss(logits, labels, self.groups, self.others_ratio, generator)
     def probabilities(self, logits): return bags_scores(logits, self.groups)
+
+# %% ../nbs/08_longtail.ipynb #6b1d5a78
+class CorrectionScorer(nn.Module):
+    """NorCal or logit adjustment as a *scorer*: per-stage original logits and RoI features in, (N, C+1) class
+    probabilities out (the contract of the detector adapters' `install_scorer`). The stages' logits are averaged
+    first, as SimCal's HTC inference does; a one-stage detector passes one."""
+    def __init__(self, method:str, # 'norcal' or 'logit_adjustment'
+                 strength:float, # gamma or tau
+                 counts, # (C+1,) training counts per label (images for NorCal, instances for logit adjustment)
+                 **options, # norcal: min_count, renormalize; logit_adjustment: background_prior, min_count
+                ):
+        super().__init__()
+        allowed = {'norcal': {'min_count', 'renormalize'}, 'logit_adjustment': {'background_prior', 'min_count'}}
+        if method not in allowed: raise ValueError(f"a correction scorer is 'norcal' or 'logit_adjustment', got {method!r}")
+        unknown = set(options) - allowed[method]
+        if unknown: raise ValueError(f"{method} takes no option {sorted(unknown)}; its options: {sorted(allowed[method])}")
+        self.method, self.strength, self.options = method, float(strength), dict(options)
+        self.register_buffer('counts', torch.as_tensor(counts, dtype=torch.float64), persistent=False)
+        self.num_classes = int(self.counts.numel())
+
+    def forward(self, logits:list, roi_features:list) -> torch.Tensor:
+        z = sum(logits) / len(logits)
+        if self.method == 'norcal': return norcal_scores(z, self.counts, self.strength, **self.options)
+        return logit_adjusted_scores(z, self.counts, self.strength, **self.options)
+
+    def extra_repr(self): return f"method={self.method!r}, strength={self.strength}"
+
+class HeadScorer(nn.Module):
+    """Re-trained heads (cRT, LWS, BAGS; one per detector stage, or one) as a scorer: each stage's head on its RoI
+    features, logits averaged over stages, then the head's `probabilities` (softmax, or the BAGS merge)."""
+    def __init__(self, heads): # a head or a list of heads (one per stage)
+        super().__init__()
+        self.heads = nn.ModuleList([heads] if isinstance(heads, nn.Module) and not isinstance(heads, nn.ModuleList) else heads)
+        if not len(self.heads): raise ValueError("no head")
+        self.num_classes = int(self.heads[0].num_classes)
+
+    def forward(self, logits:list, roi_features:list) -> torch.Tensor:
+        if len(roi_features) != len(self.heads):
+            raise ValueError(f"{len(roi_features)} stages of RoI features for {len(self.heads)} head(s)")
+        z = sum(h(f) for h, f in zip(self.heads, roi_features)) / len(self.heads)
+        return self.heads[0].probabilities(z)
+
+def tau_norm_head(fc6:nn.Linear, fc7:nn.Linear, cls_score:nn.Linear, # the detector's classification path
+                  tau:float=1.0, feature_shape:tuple=(256, 7, 7),
+                  background:str='keep', bias:str='keep', # see `tau_normalize_classifier`
+                 ) -> CRTHead:
+    "The detector's classification path with a tau-normalised classifier, as a head on RoI features (for scorers and dual-head use)."
+    head = CRTHead.from_box_head(fc6, fc7, cls_score.out_features, feature_shape)
+    head.cls_score = tau_normalize_classifier(cls_score, tau, background, bias)
+    for p in head.cls_score.parameters(): p.requires_grad_(False)
+    return head

@@ -332,3 +332,29 @@ def test_corrected_predictor_on_simcal_predictors():
     assert torch.equal(CorrectedPredictor(pred, 'tau_norm', 0.0)(x)[0], z)
     with pytest.raises(ValueError, match='6 outputs'): CorrectedPredictor(pred, 'norcal', 1.0, n[:5])
     with pytest.raises(ValueError, match='unknown correction'): CorrectedPredictor(pred, 'seesaw', 1.0, n)
+
+
+# ---- scorers (the detector adapters' install_scorer contract: per-stage logits and RoI features -> probabilities)
+def test_scorers(box_head):
+    from simcal.longtail import CorrectionScorer, HeadScorer, tau_norm_head
+    fc6, fc7, cls = box_head
+    x, _ = _toy(6, 11)
+    z = cls(F.relu(fc7(F.relu(fc6(x.flatten(1))))))
+    n = torch.tensor([0., 4., 40., 400., 4000.])
+    assert torch.equal(CorrectionScorer('norcal', 0.0, n)([z], [x]), torch.softmax(z, 1))
+    torch.testing.assert_close(CorrectionScorer('norcal', 0.5, n, renormalize=False)([z], [x]),
+                               norcal_scores(z, n, 0.5, renormalize=False))
+    z2 = z + 1.0 * torch.arange(5.)
+    torch.testing.assert_close(CorrectionScorer('logit_adjustment', 0.7, n)([z, z2], [x, x]),
+                               logit_adjusted_scores((z + z2) / 2, n, 0.7))
+    with pytest.raises(ValueError, match='no option'): CorrectionScorer('norcal', 1.0, n, background_prior=0.5)
+    # heads: the same probabilities as the head itself, stages averaged in logit space
+    groups = BAGSGroups.from_counts([0, 3, 30, 300, 3000], boundaries=(10, 100, 1000))
+    b1 = BAGSHead.from_box_head(groups, fc6, fc7, feature_shape=(8, 7, 7))
+    b2 = BAGSHead.from_box_head(groups, fc6, fc7, feature_shape=(8, 7, 7))
+    torch.testing.assert_close(HeadScorer(b1)([z], [x]), bags_scores(b1(x), groups))
+    torch.testing.assert_close(HeadScorer([b1, b2])([z, z], [x, x]), bags_scores((b1(x) + b2(x)) / 2, groups))
+    with pytest.raises(ValueError, match='stages'): HeadScorer([b1, b2])([z], [x])
+    tn = tau_norm_head(fc6, fc7, cls, tau=0.0, feature_shape=(8, 7, 7))
+    torch.testing.assert_close(HeadScorer(tn)([z], [x]), torch.softmax(z, 1))     # tau = 0: the original scores
+    assert tn.num_classes == 5 and tn.trainable_parameters() == []
