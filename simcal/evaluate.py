@@ -911,7 +911,9 @@ def plot_bin_ap(named_metrics:dict, # label -> metrics dict (from `evaluate_dete
         colors = sns.color_palette('colorblind', len(named_metrics))
     except ImportError: colors = [None] * len(named_metrics)
     scale = 100.0 if points else 1.0
-    if ax is None: fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels) + 0.6 * len(named_metrics)), 4))
+    own = ax is None
+    if own: fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels) + 0.6 * len(named_metrics)), 4.2),
+                                   layout='constrained')
     else: fig = ax.figure
     n, width = len(named_metrics), 0.8 / len(named_metrics)
     x = np.arange(len(labels))
@@ -924,15 +926,18 @@ def plot_bin_ap(named_metrics:dict, # label -> metrics dict (from `evaluate_dete
         for rect, v in zip(bars, vals):
             ax.annotate('n/a' if np.isnan(v) else (f"{v:.1f}" if points else f"{v:.3f}"),
                         (rect.get_x() + rect.get_width() / 2, 0 if np.isnan(v) else v), ha='center', va='bottom',
-                        fontsize=7, xytext=(0, 1), textcoords='offset points')
+                        fontsize=8, xytext=(0, 1), textcoords='offset points')
     ax.set_xticks(x, [f"{l}\n{b['num_categories']} cat." for l, b in zip(labels, first['bins'])])
     ax.set_xlabel('training instances per category')
     ax.set_ylabel('AP' + (' (%)' if points else ''))
-    ax.legend(fontsize=8, loc='upper left')
-    ax.set_ylim(0, max([1.0] + [np.nanmax([b['AP'] or 0 for b in m['bins']]) for m in named_metrics.values()])
-                * scale * 1.25 if points else None)
+    # the axis fits the data, in the unit shown: the highest bar plus room for its label
+    top = max([0.0] + [b['AP'] * scale for m in named_metrics.values() for b in m['bins'] if b['AP'] is not None])
+    ax.set_ylim(0, top * 1.15 if top > 0 else (1.0 if points else 0.01))
+    ax.set_xlim(-0.6, len(labels) - 0.4)  # every bin shown, also one without any AP (n/a)
     if title: ax.set_title(title)
-    fig.tight_layout()
+    if own:  # the legend below the axes, never over the bars
+        fig.legend(loc='outside lower center', ncol=min(len(named_metrics), 3), fontsize=9, frameon=False)
+    else: ax.legend(fontsize=8, loc='best')
     return fig
 
 def bin_ap_table(named_metrics:dict) -> dict:

@@ -473,7 +473,16 @@ def test_plot_bin_ap(lvis_data, tmp_path):
     heights = [p.get_height() for p in ax.patches]
     want = [b['AP'] * 100 for m in named.values() for b in m['bins']]
     assert np.allclose(heights, want, equal_nan=True)
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]  # below the axes, not over the bars
     assert legend[0].startswith('baseline') and f"bAP {named['baseline']['bAP'] * 100:.1f}" in legend[0]
+    # the y axis fits the data in the unit shown (it ran to about 120 points whatever the APs were)
+    top = np.nanmax(heights)
+    assert 0 < top < ax.get_ylim()[1] <= 1.2 * top and ax.get_ylim()[0] == 0
+    assert ax.get_xlim()[0] < -0.4 and ax.get_xlim()[1] > len(named['baseline']['bins']) - 0.6  # every bin shown
+    fig_f = plot_bin_ap(named, points=False)
+    assert np.nanmax([p.get_height() for p in fig_f.axes[0].patches]) < fig_f.axes[0].get_ylim()[1] <= 1.2 * top / 100
+    import matplotlib.pyplot as plt
+    _, own_ax = plt.subplots()
+    assert plot_bin_ap(named, ax=own_ax).axes[0] is own_ax and own_ax.get_legend() is not None  # a given axes: its own legend
     png, js = save_figure(fig, tmp_path / 'fig' / 'bins.png', bin_ap_table(named))
     assert png.read_bytes()[:4] == b'\x89PNG' and json.loads(js.read_text())['dual head']['bAP'] == named['dual head']['bAP']
