@@ -700,9 +700,13 @@ def plot_tail(train_counts, # training instances per class
                 fontsize=8)
     if names is not None:
         ax.set_xticks(np.arange(len(counts)))
-        ax.set_xticklabels([names[i] for i in order], rotation=90, fontsize=6)
+        ax.set_xticklabels([names[i] for i in order], rotation=90, fontsize=7)
     ax.set_ylabel('training instances')
     if frequency is not None:
         ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()],
-                  labels=['rare (1-4 images)', 'common (5-16)', 'frequent (>16)'], fontsize=8, loc='upper center')
+                  labels=['rare (1-4 images)', 'common (5-16)', 'frequent (>16)'], fontsize=8, ncol=3,
+                  loc='upper right')  # over the short bars of the tail, in the headroom below
+    # headroom (log scale) for the top bin's label and the legend
+    ax.set_ylim(0.8, max(float(counts.max()) if len(counts) else 1.0, f ** m) * 6)
+    ax.set_xlim(-0.7, len(counts) - 0.3)
     return ax
