@@ -141,8 +141,10 @@ class HeldOutSplit:
 
 def heldout_split(train_image_ids, # image ids of the training annotation file
                   fraction:float=0.1, # share of the training images held out
-                  seed:int=0, # the split is a pure function of (ids, fraction, seed)
+                  seed:int=0, # the split is a pure function of (ids, fraction, seed, class_to_image_ids)
                   val_image_ids=(), # ids of the evaluation set: none may be among the training ids
+                  class_to_image_ids:Mapping|None=None, # label -> training image ids: then every class with >= 2
+                                                        # images gets at least one held-out image (rare classes scored)
                  ) -> HeldOutSplit:
     "Hold out a random `fraction` of the training images (at least one) for hyper-parameter search."
     ids = sorted(set(int(i) for i in train_image_ids))
@@ -151,9 +153,15 @@ def heldout_split(train_image_ids, # image ids of the training annotation file
     both = set(ids) & set(int(i) for i in val_image_ids)
     if both: raise ValueError(f"{len(both)} evaluation images are among the training images (e.g. {min(both)}): "
                               "hyper-parameters must not be searched on the evaluation set")
+    rng = np.random.default_rng([seed, 0x484f4c44])
     n = min(len(ids) - 1, max(1, round(fraction * len(ids))))
-    pick = np.random.default_rng([seed, 0x484f4c44]).permutation(len(ids))[:n]
-    held = set(ids[k] for k in pick)
+    held = set(ids[k] for k in rng.permutation(len(ids))[:n])
+    if class_to_image_ids is not None:
+        known = set(ids)
+        for label in sorted(class_to_image_ids):
+            imgs = sorted(set(int(i) for i in class_to_image_ids[label]))
+            if set(imgs) - known: raise ValueError(f"class {label}: image ids that are not training images, e.g. {min(set(imgs) - known)}")
+            if len(imgs) >= 2 and not held.intersection(imgs): held.add(imgs[int(rng.integers(len(imgs)))])
     return HeldOutSplit(tuple(i for i in ids if i not in held), tuple(sorted(held)), float(fraction), int(seed))
 
 @dataclass(frozen=True)

@@ -358,3 +358,21 @@ def test_scorers(box_head):
     tn = tau_norm_head(fc6, fc7, cls, tau=0.0, feature_shape=(8, 7, 7))
     torch.testing.assert_close(HeadScorer(tn)([z], [x]), torch.softmax(z, 1))     # tau = 0: the original scores
     assert tn.num_classes == 5 and tn.trainable_parameters() == []
+
+
+def test_heldout_split_covers_rare_classes():
+    rng = np.random.default_rng(0)
+    ids = list(range(5000, 7000))
+    c2i = {l: rng.choice(ids, size=max(1, int(800 / l ** 1.2)), replace=False).tolist() for l in range(1, 301)}
+    plain = heldout_split(ids, fraction=0.1, seed=1)
+    missing = [l for l, v in c2i.items() if len(v) >= 2 and not set(v) & set(plain.heldout_ids)]
+    assert len(missing) > 20                     # a plain random split misses many rare classes
+    s = heldout_split(ids, fraction=0.1, seed=1, class_to_image_ids=c2i)
+    assert set(plain.heldout_ids) <= set(s.heldout_ids)
+    for l, v in c2i.items():
+        if len(v) >= 2: assert set(v) & set(s.heldout_ids), l
+    assert len(s.heldout_ids) <= len(plain.heldout_ids) + len(missing)
+    assert sorted(s.train_ids + s.heldout_ids) == ids
+    assert s == heldout_split(ids, fraction=0.1, seed=1, class_to_image_ids=c2i)
+    with pytest.raises(ValueError, match='not training images'):
+        heldout_split(ids, class_to_image_ids={1: [1, 2]})
