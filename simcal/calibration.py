@@ -4,31 +4,28 @@
 
 # %% ../nbs/07_calibration.ipynb #89e019b3
 from __future__ import annotations
-import contextlib, copy, hashlib, json, math, os, time, types
-from collections import OrderedDict
+import hashlib, json, math, time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import boxes as box_ops
-from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
-from .core import InputError, PROTOCOLS, atomic_write, save_json
+from .core import InputError, PROTOCOLS, atomic_write
 from .sampler import BiLevelSampler, derived_seed
-from .train import (get_rank, get_world_size, barrier, init_distributed, cleanup_distributed, load_detector,
-                          check_dataset_classes, hflip_batch)
+from .comm import get_rank, get_world_size, barrier, init_distributed, cleanup_distributed, all_reduce_sum
+from .checkpoint import load_detector, check_dataset_classes, preset_protocol
+from .detector import DetectorAdapter, as_detector
 
 # %% auto #0
 __all__ = ['HEAD_KINDS', 'DUAL_MODES', 'CALIBRATION_FORMAT', 'CALIBRATION_FILE', 'LOG_FILE', 'CalibrationHead',
-           'original_box_heads', 'detector_feature_shape', 'detector_num_classes', 'build_calibration_head',
-           'train_proposal_counts', 'roi_sampling_settings', 'sample_rois', 'select_negatives', 'calibrated_columns',
-           'dual_head_scores', 'BoxHeadWithFeatures', 'DualHeadPredictor', 'postprocess_log_probabilities',
-           'category_fingerprint', 'statistics_fingerprint', 'file_sha256', 'load_calibration', 'calibration_head_from',
-           'check_head_fits', 'attach_calibration', 'detach_calibration', 'set_dual_mode', 'combine_dual_results',
-           'detections_to_records', 'calibration_lr_steps', 'calibration_lr', 'compose_calibration_batch',
-           'freeze_detector', 'calibrate', 'configure_calibrate_parser', 'run_calibrate']
+           'detector_feature_shape', 'detector_num_classes', 'build_calibration_head', 'sample_rois',
+           'select_negatives', 'calibrated_columns', 'dual_head_scores', 'DualHeadScorer', 'category_fingerprint',
+           'statistics_fingerprint', 'file_sha256', 'load_calibration', 'calibration_heads_from',
+           'calibration_head_from', 'check_head_fits', 'attach_calibration', 'detach_calibration', 'set_dual_mode',
+           'combine_dual_results', 'detections_to_records', 'calibration_lr_steps', 'calibration_lr',
+           'compose_calibration_batch', 'freeze_detector', 'calibrate', 'configure_calibrate_parser', 'run_calibrate']
 
 # %% ../nbs/07_calibration.ipynb #5a46eb30
 HEAD_KINDS = ('2fc_rand', '3fc_rand', '3fc_ft')
@@ -56,76 +53,35 @@ class CalibrationHead(nn.Module):
     def extra_repr(self): return f"kind={self.kind!r}, feature_shape={self.feature_shape}"
 
 # %% ../nbs/07_calibration.ipynb #4a91cf64
-def original_box_heads(model) -> tuple[nn.Module, nn.Module]:
-    "The detector's own `(box_head, box_predictor)`, looking through an attached calibration."
-    rh = model.roi_heads
-    head, pred = rh.box_head, rh.box_predictor
-    # the wrappers of dual-head inference (below) keep the original modules as `.box_head` / `.box_predictor`
-    if getattr(head, 'is_calibration_wrapper', False): head = head.box_head
-    if getattr(pred, 'is_calibration_wrapper', False): pred = pred.box_predictor
-    return head, pred
-
 def detector_feature_shape(model) -> tuple[int, int, int]:
-    "Shape (channels, h, w) of one RoIAlign feature of `model`'s box branch."
-    size = model.roi_heads.box_roi_pool.output_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(model.backbone.out_channels), *map(int, size))
+    "Shape (channels, h, w) of one RoI feature of the detector (a model or a `DetectorAdapter`)."
+    return as_detector(model).feature_shape()
 
 def detector_num_classes(model) -> int:
     "C+1: the number of outputs of the detector's classifier."
-    return int(original_box_heads(model)[1].cls_score.out_features)
+    return as_detector(model).num_classes()
 
-def build_calibration_head(model, # the trained detector
+def build_calibration_head(model, # the trained detector (a model or a `DetectorAdapter`)
                            kind:str='3fc_ft', # see `HEAD_KINDS`
                            hidden:int|None=None, # hidden size; None = the detector's representation size
+                           stage:int=0, # the classification stage it calibrates (a cascade has several)
                           ) -> CalibrationHead:
-    "A calibration head that fits `model`; for '3fc_ft' initialised from its classification path."
-    box_head, predictor = original_box_heads(model)
-    rep = getattr(getattr(box_head, 'fc6', None), 'out_features', None)
-    hidden = hidden or rep or 1024
-    head = CalibrationHead(kind, detector_feature_shape(model), detector_num_classes(model), hidden)
+    "A calibration head that fits a detector stage; for '3fc_ft' initialised from that stage's classification path."
+    det = as_detector(model)
+    fcs, cls = det.classification_path(stage)
+    hidden = hidden or (fcs[0].out_features if fcs else None) or 1024
+    head = CalibrationHead(kind, det.feature_shape(), det.num_classes(), hidden)
     if kind == '3fc_ft':
-        fc6, fc7 = getattr(box_head, 'fc6', None), getattr(box_head, 'fc7', None)
-        if not (isinstance(fc6, nn.Linear) and isinstance(fc7, nn.Linear)) or type(box_head).forward is not TwoMLPHead.forward:
-            raise ValueError(f"'3fc_ft' copies a two-fc box head (fc6, fc7); the detector has {type(box_head).__name__}")
-        if fc6.in_features != head.fc6.in_features or fc6.out_features != hidden:
-            raise ValueError(f"'3fc_ft' needs hidden = the detector's representation size {fc6.out_features}, got {hidden}")
+        if len(fcs) != 2: raise ValueError(f"'3fc_ft' copies a two-fc box head (fc6, fc7); the detector's path has {len(fcs)} fc layers")
+        if fcs[0].in_features != head.fc6.in_features or fcs[0].out_features != hidden:
+            raise ValueError(f"'3fc_ft' needs hidden = the detector's representation size {fcs[0].out_features}, got {hidden}")
         with torch.no_grad():
-            for name, src in (('fc6', fc6), ('fc7', fc7), ('cls_score', predictor.cls_score)):
+            for name, src in (('fc6', fcs[0]), ('fc7', fcs[1]), ('cls_score', cls)):
                 getattr(head, name).load_state_dict(src.state_dict())
-    return head.to(next(model.parameters()).device)
-
-# %% ../nbs/07_calibration.ipynb #48086146
-@contextlib.contextmanager
-def train_proposal_counts(rpn):
-    "Within the block, an eval-mode torchvision RPN keeps its *training-time* pre/post-NMS top-n counts."
-    pre, post = dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n)
-    rpn._pre_nms_top_n = {**pre, 'testing': pre['training']}
-    rpn._post_nms_top_n = {**post, 'testing': post['training']}
-    try: yield rpn
-    finally: rpn._pre_nms_top_n, rpn._post_nms_top_n = pre, post
-
-@contextlib.contextmanager
-def roi_sampling_settings(roi_heads, rois_per_image:int|None=None, positive_fraction:float|None=None,
-                          neg_iou_floor:float|None=None):
-    "Within the block, `roi_heads` samples `rois_per_image` RoIs with `positive_fraction` foreground (None: as is)."
-    s = roi_heads.fg_bg_sampler
-    saved = s.batch_size_per_image, s.positive_fraction, getattr(roi_heads, 'neg_iou_floor', None)
-    if neg_iou_floor is not None and not hasattr(roi_heads, 'neg_iou_floor'):
-        raise ValueError(f"this detector's {type(roi_heads).__name__} has no negative IoU floor; build it with "
-                         "simcal.model.build_mask_rcnn or leave neg_iou_floor=None")
-    try:
-        if rois_per_image is not None: s.batch_size_per_image = int(rois_per_image)
-        if positive_fraction is not None: s.positive_fraction = float(positive_fraction)
-        if neg_iou_floor is not None: roi_heads.neg_iou_floor = float(neg_iou_floor)
-        yield roi_heads
-    finally:
-        s.batch_size_per_image, s.positive_fraction = saved[:2]
-        if hasattr(roi_heads, 'neg_iou_floor'): roi_heads.neg_iou_floor = saved[2]
+    return head.to(det.device)
 
 # %% ../nbs/07_calibration.ipynb #75a54b10
-@torch.no_grad()
-def sample_rois(model, # frozen detector in eval mode
+def sample_rois(model, # frozen detector in eval mode (a model or a `DetectorAdapter`)
                 images:list, # images (C,H,W) float in [0,1]
                 targets:list, # their targets ('boxes' XYXY, 'labels' contiguous)
                 image_seeds:list, # one seed per image (flip and RoI subsampling)
@@ -135,33 +91,15 @@ def sample_rois(model, # frozen detector in eval mode
                 flip_prob:float=0.5, # horizontal flip probability (the paper's training pipeline)
                ) -> dict:
     "Run the frozen detector like R-CNN training: RPN proposals (training counts) + GT, matched and subsampled."
-    if model.training: raise ValueError("the frozen detector must be in eval mode (call model.eval())")
-    if not images: return {'features': None, 'image_sizes': [], 'rois': [], 'labels': []}
-    device = next(model.parameters()).device
-    imgs, tgts = [], []
-    subsample_seeds = []
-    for img, t, s in zip(images, targets, image_seeds):
+    det = as_detector(model)
+    flips, subsample_seeds = [], []
+    for s in image_seeds:
         g = torch.Generator().manual_seed(int(s))
-        t = {'boxes': t['boxes'].float(), 'labels': t['labels'].long()}
-        if float(torch.rand((), generator=g)) < flip_prob: (img,), (t,) = hflip_batch([img], [t], [True])
+        flips.append(float(torch.rand((), generator=g)) < flip_prob)
         subsample_seeds.append(int(torch.randint(2 ** 62, (), generator=g)))
-        imgs.append(img.to(device)); tgts.append({k: v.to(device) for k, v in t.items()})
-    image_list, tgts = model.transform(imgs, tgts)
-    features = model.backbone(image_list.tensors)
-    if isinstance(features, torch.Tensor): features = OrderedDict([('0', features)])
-    with train_proposal_counts(model.rpn): proposals, _ = model.rpn(image_list, features)
-    rois, labels = [], []
-    rh = model.roi_heads
-    with roi_sampling_settings(rh, rois_per_image, positive_fraction, neg_iou_floor):
-        for p, t, s in zip(proposals, tgts, subsample_seeds):
-            # select_training_samples checks for masks when the detector has a mask head; they are not used here
-            t = {**t, 'masks': t['boxes'].new_zeros((0,))}
-            with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-                torch.manual_seed(s)
-                r, _, l, _ = rh.select_training_samples([p], [t])
-            rois.append(r[0]); labels.append(l[0])
-    return {'features': features, 'image_sizes': image_list.image_sizes, 'rois': rois, 'labels': labels,
-            'gt_boxes': [t['boxes'] for t in tgts]}
+    out = det.sample_training_rois(images, targets, flips, subsample_seeds, rois_per_image=rois_per_image,
+                                   positive_fraction=positive_fraction, neg_iou_floor=neg_iou_floor)
+    return {**out, 'rois': out['stages'][0]['rois'], 'labels': out['stages'][0]['labels']}   # stage 0 at the top
 
 # %% ../nbs/07_calibration.ipynb #5ae70a7c
 def select_negatives(neg_counts:Sequence, # number of negative RoIs of each image of the global batch
@@ -212,67 +150,44 @@ def dual_head_scores(p_orig:torch.Tensor, # original head's softmax (N, C+1)
     return torch.where(cols, p_cal, p_orig)
 
 # %% ../nbs/07_calibration.ipynb #f23ff90e
-class BoxHeadWithFeatures(nn.Module):
-    "Wraps a box head: returns `(box_head(x), x)`, so that the predictor also sees the RoIAlign features."
-    is_calibration_wrapper = True
-    def __init__(self, box_head:nn.Module):
-        super().__init__()
-        self.box_head = box_head
-    def forward(self, x): return self.box_head(x), x
-
-class DualHeadPredictor(nn.Module):
-    "Box predictor of dual-head inference: `(log p_combined, original box deltas)` from `(box head output, RoI features)`."
-    is_calibration_wrapper = True
-    def __init__(self, box_predictor:nn.Module, # the detector's box predictor (cls_score, bbox_pred)
-                 calibration_head:nn.Module, # a CalibrationHead on the RoIAlign features
+class DualHeadScorer(nn.Module):
+    "Dual-head class probabilities from the original logits and RoI features of each stage."
+    def __init__(self, calibration_heads, # one CalibrationHead per detector stage (or a single head)
                  instance_counts_per_label, # training instances per label (C+1,), index 0 = background
                  mode:str='dual', # 'orig', 'cal', 'dual' or 'avg'
                  threshold:float|None=None, # T for mode 'dual'
                 ):
         super().__init__()
-        self.box_predictor, self.calibration_head = box_predictor, calibration_head
-        n = int(box_predictor.cls_score.out_features)
+        heads = [calibration_heads] if isinstance(calibration_heads, nn.Module) and not isinstance(calibration_heads, nn.ModuleList) else calibration_heads
+        self.calibration_heads = nn.ModuleList(heads)
+        n = int(self.calibration_heads[0].num_classes)
         if len(instance_counts_per_label) != n:
             raise ValueError(f"{len(instance_counts_per_label)} instance counts for a {n}-way classifier (C+1, background first)")
         self.register_buffer('instance_counts', torch.as_tensor(list(instance_counts_per_label), dtype=torch.int64), persistent=False)
+        self.register_buffer('columns', torch.zeros(n, dtype=torch.bool), persistent=False)
         self.threshold = threshold
         self.set_mode(mode, threshold)
 
+    @property
+    def calibration_head(self) -> nn.Module: return self.calibration_heads[0]
+
     def set_mode(self, mode:str, threshold:float|None=None):
         "Switch between 'orig', 'cal', 'dual' (with threshold T) and 'avg'."
-        calibrated_columns(self.instance_counts.cpu(), mode, threshold)  # validates
+        cols = calibrated_columns(self.instance_counts.cpu(), mode, threshold)  # validates
         self.mode = mode
         if threshold is not None: self.threshold = threshold
+        self.columns.copy_(cols.to(self.columns.device))
 
-    def forward(self, x):
-        if not (isinstance(x, tuple) and len(x) == 2):
-            raise TypeError("DualHeadPredictor needs (box head output, RoI features): wrap the box head in BoxHeadWithFeatures")
-        box_features, roi_features = x
-        logits, deltas = self.box_predictor(box_features)
-        if self.mode == 'orig': return F.log_softmax(logits, -1), deltas
-        p_cal = F.softmax(self.calibration_head(roi_features), -1)
-        p = dual_head_scores(F.softmax(logits, -1), p_cal, self.instance_counts, self.mode, self.threshold)
-        return torch.log(p), deltas
-
-def postprocess_log_probabilities(self, class_logits, box_regression, proposals, image_shapes):
-    "torchvision's `RoIHeads.postprocess_detections` for predictors returning log-probabilities: scores = exp, no softmax."
-    device = class_logits.device
-    num_classes = class_logits.shape[-1]
-    boxes_per_image = [len(b) for b in proposals]
-    pred_boxes = self.box_coder.decode(box_regression, proposals)
-    pred_scores = class_logits.exp()   # the only change: torchvision takes a softmax here
-    all_boxes, all_scores, all_labels = [], [], []
-    for boxes, scores, image_shape in zip(pred_boxes.split(boxes_per_image, 0), pred_scores.split(boxes_per_image, 0), image_shapes):
-        boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
-        labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
-        boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
-        inds = torch.where(scores > self.score_thresh)[0]
-        boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
-        keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-        all_boxes.append(boxes[keep]); all_scores.append(scores[keep]); all_labels.append(labels[keep])
-    return all_boxes, all_scores, all_labels
+    def forward(self, logits:list, roi_features:list) -> torch.Tensor:
+        if len(logits) != len(self.calibration_heads) or len(roi_features) != len(logits):
+            raise ValueError(f"{len(logits)} stages of logits and {len(roi_features)} of features for "
+                             f"{len(self.calibration_heads)} calibration head(s)")
+        p_o = F.softmax(sum(logits) / len(logits), -1)
+        if self.mode == 'orig': return p_o
+        z_c = sum(h(f) for h, f in zip(self.calibration_heads, roi_features)) / len(logits)
+        p_c = F.softmax(z_c.to(p_o.dtype), -1)
+        if self.mode == 'avg': return torch.where(self.columns, (p_o + p_c) / 2, p_o)
+        return torch.where(self.columns, p_c, p_o)
 
 # %% ../nbs/07_calibration.ipynb #6f145858
 CALIBRATION_FORMAT = 'simcal-calibration-head'
@@ -293,6 +208,7 @@ def file_sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
     return h.hexdigest()
 
+# 'stage_heads' (the heads of stages 2, 3, ... of a cascade) is optional: a Mask R-CNN checkpoint has none
 _REQUIRED = {'format': str, 'kind': str, 'num_classes': int, 'feature_shape': (list, tuple), 'hidden': int,
              'head': dict, 'category_ids': (list, tuple), 'instance_counts': (list, tuple), 'iteration': int}
 
@@ -313,22 +229,38 @@ def load_calibration(src, # path of a calibration checkpoint, or the loaded dict
         if k not in src: raise InputError(path, 'missing field', field=k)
         if not isinstance(src[k], t): raise InputError(path, f'wrong type {type(src[k]).__name__}', field=k)
     if src['kind'] not in HEAD_KINDS: raise InputError(path, f"unknown head kind {src['kind']!r}", field='kind')
+    if not isinstance(src.get('stage_heads', []), (list, tuple)) or not all(isinstance(h, Mapping) for h in src.get('stage_heads', [])):
+        raise InputError(path, 'expected a list of head state dicts (stages 2, 3, ...)', field='stage_heads')
     C1 = src['num_classes']
     if len(src['category_ids']) != C1 - 1 or len(src['instance_counts']) != C1:
         raise InputError(path, f"{len(src['category_ids'])} category ids and {len(src['instance_counts'])} counts "
                          f"for {C1} classes (C+1)", field='category_ids')
     return dict(src)
 
+def calibration_heads_from(ck:dict) -> list[CalibrationHead]:
+    "The `CalibrationHead` of each detector stage of a loaded calibration checkpoint, with their weights."
+    heads = []
+    for i, state in enumerate([ck['head']] + list(ck.get('stage_heads', []))):
+        head = CalibrationHead(ck['kind'], tuple(ck['feature_shape']), ck['num_classes'], ck['hidden'])
+        try: head.load_state_dict(state)
+        except RuntimeError as e:
+            raise InputError('<calibration checkpoint>', f'head weights do not fit its shape: {e}',
+                             field='head' if i == 0 else f'stage_heads.{i - 1}') from None
+        heads.append(head)
+    return heads
+
 def calibration_head_from(ck:dict) -> CalibrationHead:
-    "The `CalibrationHead` of a loaded calibration checkpoint, with its weights."
-    head = CalibrationHead(ck['kind'], tuple(ck['feature_shape']), ck['num_classes'], ck['hidden'])
-    try: head.load_state_dict(ck['head'])
-    except RuntimeError as e: raise InputError('<calibration checkpoint>', f'head weights do not fit its shape: {e}', field='head') from None
-    return head
+    "The (first stage's) `CalibrationHead` of a loaded calibration checkpoint, with its weights."
+    return calibration_heads_from(ck)[0]
 
 def check_head_fits(model, ck:dict, path='<calibration checkpoint>'):
-    "`InputError` if a calibration checkpoint's head does not fit `model` (class count, RoI feature shape)."
-    n, shape = detector_num_classes(model), detector_feature_shape(model)
+    "`InputError` if a calibration checkpoint's head does not fit `model` (class count, RoI feature shape, stages)."
+    det = as_detector(model)
+    n, shape = det.num_classes(), det.feature_shape()
+    stages = 1 + len(ck.get('stage_heads', []))
+    if stages != det.num_stages:
+        raise InputError(path, f"the calibration has heads for {stages} stage(s) but the detector has {det.num_stages}",
+                         field='stage_heads')
     if ck['num_classes'] != n:
         raise InputError(path, f"the calibration head has {ck['num_classes']} outputs but the detector has {n} classes "
                          "(C+1): it was trained for another detector or dataset", field='num_classes')
@@ -354,7 +286,7 @@ def _counts_per_label(instance_counts, ck:dict, path) -> list[int]:
         raise InputError(path, f"{len(counts)} instance counts for {len(ids)} categories", field='instance_counts')
     return counts
 
-def attach_calibration(model, # a torchvision Mask R-CNN (simcal.model)
+def attach_calibration(model, # a detector (a model with a registered adapter, e.g. simcal.model's Mask R-CNN)
                        cal_checkpoint, # path of a calibration checkpoint (or its loaded dict)
                        mode:str='dual', # 'orig', 'cal', 'dual' or 'avg'
                        threshold:float|None=None, # T; None = the checkpoint's (its protocol's dual threshold)
@@ -372,28 +304,20 @@ def attach_calibration(model, # a torchvision Mask R-CNN (simcal.model)
     if threshold is None: threshold = ck.get('dual_threshold')
     if mode == 'dual' and threshold is None:
         raise InputError(path, "no dual threshold stored: pass threshold=T", field='dual_threshold')
-    box_head, predictor = original_box_heads(model)
-    device = next(model.parameters()).device
-    rh = model.roi_heads
-    rh.box_head = BoxHeadWithFeatures(box_head)
-    rh.box_predictor = DualHeadPredictor(predictor, calibration_head_from(ck).to(device), counts, mode, threshold).to(device)
-    rh.postprocess_detections = types.MethodType(postprocess_log_probabilities, rh)
-    rh.box_predictor.train(rh.training)
+    det = as_detector(model)
+    det.install_scorer(DualHeadScorer(calibration_heads_from(ck), counts, mode, threshold))
     return model
 
 def detach_calibration(model):
-    "Remove an attached calibration: the detector's own box head, predictor and post-processing."
-    box_head, predictor = original_box_heads(model)
-    rh = model.roi_heads
-    rh.box_head, rh.box_predictor = box_head, predictor
-    rh.__dict__.pop('postprocess_detections', None)
+    "Remove an attached calibration: the detector scores with its own head again."
+    as_detector(model).remove_scorer()
     return model
 
 def set_dual_mode(model, mode:str, threshold:float|None=None):
     "Switch the mode (and threshold) of an attached calibration."
-    pred = model.roi_heads.box_predictor
-    if not isinstance(pred, DualHeadPredictor): raise ValueError("no calibration attached (see attach_calibration)")
-    pred.set_mode(mode, pred.threshold if threshold is None else threshold)
+    scorer = as_detector(model).scorer()
+    if not isinstance(scorer, DualHeadScorer): raise ValueError("no calibration attached (see attach_calibration)")
+    scorer.set_mode(mode, scorer.threshold if threshold is None else threshold)
     return model
 
 # %% ../nbs/07_calibration.ipynb #90e9b9c5
@@ -434,25 +358,18 @@ def detections_to_records(outputs:list, # torchvision outputs, one dict per imag
 
 # %% ../nbs/07_calibration.ipynb #1ea2dba1
 def calibration_lr_steps(iters:int, # total iterations
-                         lr_steps:Sequence|None=None, # explicit steps; None = 2/3 and 11/12 of iters
+                         lr_steps:Sequence|None=None, # explicit steps; None = 7/12 and 10/12 of iters (the release)
                         ) -> tuple[int, ...]:
-    "The LR step iterations: the given ones, or the paper's 8k/11k of 12k scaled to `iters`."
+    "The LR step iterations: the given ones, or the release's 7k/10k of 12k scaled to `iters`."
     if lr_steps is not None: return tuple(int(s) for s in lr_steps)
-    return (round(iters * 2 / 3), round(iters * 11 / 12))
+    return (round(iters * 7 / 12), round(iters * 10 / 12))
 
 def calibration_lr(iteration:int, # 0-based iteration about to run
-                   base_lr:float=0.01, steps:Sequence=(8000, 11000), gamma:float=0.1) -> float:
+                   base_lr:float=0.01, steps:Sequence=(7000, 10000), gamma:float=0.1) -> float:
     "Step schedule: `base_lr * gamma^(number of steps <= iteration)`."
     return base_lr * gamma ** sum(iteration >= s for s in steps)
 
 # %% ../nbs/07_calibration.ipynb #904507ea
-def _all_reduce_sum(t:torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-    if get_world_size() > 1:
-        backend_device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
-        x = t.to(backend_device); dist.all_reduce(x); return x.to(t.device)
-    return t
-
 class _DrawnImages(torch.utils.data.Dataset):
     "Items `(image, boxes and labels, position, drawn label)` for keys `(position, label, dataset index)`."
     def __init__(self, dataset): self.dataset = dataset
@@ -468,8 +385,8 @@ def _rank_keys(sampler:BiLevelSampler, start:int, stop:int, rank:int, world_size
     for b in sampler.iterate(start, stop, rank, world_size):
         yield [(p, l, i) for p, (l, i) in zip(b.positions, b.draws)]
 
-def compose_calibration_batch(model, # frozen detector (eval mode)
-                              images:list, targets:list, # this process's sampled images and targets
+def compose_calibration_batch(model, # frozen detector (eval mode; a model or a `DetectorAdapter`)
+                              images:list, targets:list, # this process's sampled images and targets (may be empty)
                               positions:list, # their positions in the global batch
                               drawn_labels:list, # the class each was drawn for
                               batch_size:int, # size of the global batch
@@ -477,30 +394,34 @@ def compose_calibration_batch(model, # frozen detector (eval mode)
                               rois_per_image:int=512, positive_fraction:float=0.25,
                               neg_iou_floor:float|None=None, flip_prob:float=0.5,
                              ) -> dict:
-    "This process's share of the composed batch: RoI features, labels, and the global fg/bg counts."
+    "This process's share of the composed batch of each detector stage: RoI features, labels, global fg/bg counts."
+    det = as_detector(model)
     seeds = [derived_seed(seed, iteration, 1, p) for p in positions]
-    s = sample_rois(model, images, targets, seeds, rois_per_image, positive_fraction, neg_iou_floor, flip_prob)
-    fg = [torch.where(l == c)[0] for l, c in zip(s['labels'], drawn_labels)]
-    neg = [torch.where(l == 0)[0] for l in s['labels']]
-    counts = torch.zeros(2, batch_size, dtype=torch.int64)
-    for p, f, n in zip(positions, fg, neg): counts[0, p], counts[1, p] = len(f), len(n)
-    counts = _all_reduce_sum(counts)
-    n_fg = int(counts[0].sum())
-    chosen = select_negatives(counts[1].tolist(), n_fg, derived_seed(seed, iteration, 2))
-    rois, labels = [], []
-    for k, (p, c) in enumerate(zip(positions, drawn_labels)):
-        nk = neg[k][chosen[p].to(neg[k].device)]
-        rois.append(torch.cat([s['rois'][k][fg[k]], s['rois'][k][nk]]))
-        labels.append(torch.cat([torch.full((len(fg[k]),), int(c), dtype=torch.int64), torch.zeros(len(nk), dtype=torch.int64)]))
-    shape = detector_feature_shape(model)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        feats = (model.roi_heads.box_roi_pool(s['features'], rois, s['image_sizes']) if images
-                 else torch.zeros((0, *shape), device=device))
-    y = torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.int64, device=device)
-    n_bg = sum(len(c) for c in chosen)
-    return {'features': feats, 'labels': y, 'num_fg': n_fg, 'num_bg': n_bg, 'fg_per_image': counts[0].tolist(),
-            'rois': rois, 'roi_labels': labels, 'gt_boxes': s['gt_boxes'], 'gt_labels': [t['labels'] for t in targets]}
+    s = sample_rois(det, images, targets, seeds, rois_per_image, positive_fraction, neg_iou_floor, flip_prob)
+    S = len(s['stages'])
+    fg = [[torch.where(l == c)[0] for l, c in zip(st['labels'], drawn_labels)] for st in s['stages']]
+    neg = [[torch.where(l == 0)[0] for l in st['labels']] for st in s['stages']]
+    counts = torch.zeros(S, 2, batch_size, dtype=torch.int64)
+    for k in range(S):
+        for p, f, n in zip(positions, fg[k], neg[k]): counts[k, 0, p], counts[k, 1, p] = len(f), len(n)
+    counts = all_reduce_sum(counts)    # every process joins, also one without a draw (it adds zeros)
+    device = det.device
+    stages = []
+    for k, st in enumerate(s['stages']):
+        n_fg = int(counts[k, 0].sum())
+        # stage 0 keeps the seed of the one-stage case; later stages draw their own negatives
+        chosen = select_negatives(counts[k, 1].tolist(), n_fg, derived_seed(seed, iteration, 2) if k == 0 else
+                                  derived_seed(seed, iteration, 2, k))
+        rois, labels = [], []
+        for i, (p, c) in enumerate(zip(positions, drawn_labels)):
+            nk = neg[k][i][chosen[p].to(neg[k][i].device)]
+            rois.append(torch.cat([st['rois'][i][fg[k][i]], st['rois'][i][nk]]))
+            labels.append(torch.cat([torch.full((len(fg[k][i]),), int(c), dtype=torch.int64), torch.zeros(len(nk), dtype=torch.int64)]))
+        feats = det.roi_features(s, rois, k) if images else torch.zeros((0, *det.feature_shape()), device=device)
+        y = torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.int64, device=device)
+        stages.append({'features': feats, 'labels': y, 'num_fg': n_fg, 'num_bg': sum(len(c) for c in chosen),
+                       'fg_per_image': counts[k, 0].tolist(), 'rois': rois, 'roi_labels': labels})
+    return {**stages[0], 'stages': stages, 'gt_boxes': s['gt_boxes'], 'gt_labels': [t['labels'] for t in targets]}
 
 # %% ../nbs/07_calibration.ipynb #18878554
 CALIBRATION_FILE, LOG_FILE = 'calibration.pt', 'calibration_log.jsonl'
@@ -510,9 +431,15 @@ _RESUME_KEYS = ('head', 'hidden', 'seed', 'classes_per_iter', 'images_per_class'
 
 def freeze_detector(model):
     "Eval mode and `requires_grad=False` everywhere: the detector is only read during calibration."
-    model.eval()
-    for p in model.parameters(): p.requires_grad_(False)
+    m = model.model if isinstance(model, DetectorAdapter) else model
+    m.eval()
+    for p in m.parameters(): p.requires_grad_(False)
     return model
+
+class _StageHeads(nn.Module):
+    "The calibration heads of all stages as one module (one DDP wrapper): features per stage -> logits per stage."
+    def __init__(self, heads): super().__init__(); self.heads = nn.ModuleList(heads)
+    def forward(self, features:list) -> list: return [h(f) for h, f in zip(self.heads, features)]
 
 def _save(obj, path):
     with atomic_write(path, 'wb') as f: torch.save(obj, f)
@@ -521,13 +448,13 @@ def _read_log(path) -> list:
     if not Path(path).is_file(): return []
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
-def calibrate(model, # trained detector (frozen here)
+def calibrate(model, # trained detector (frozen here): a model or a `DetectorAdapter`
               dataset, # training set: `class_to_indices()`, `label_map`, `stats`, items (image, target)
               out_dir, # checkpoint `calibration.pt` and log `calibration_log.jsonl` go here
               head:str='3fc_ft', # '2fc_rand', '3fc_rand' or '3fc_ft'
               iters:int=12000, # calibration iterations
               lr:float=0.01, # SGD learning rate (no momentum, no weight decay)
-              lr_steps:Sequence|None=None, # LR x gamma at these iterations; None = 2/3 and 11/12 of iters
+              lr_steps:Sequence|None=None, # LR x gamma at these iterations; None = 7/12 and 10/12 of iters (the release)
               lr_gamma:float=0.1, # LR factor at each step
               classes_per_iter:int=16, # classes drawn per iteration (over all processes)
               images_per_class:int=1, # images drawn per drawn class
@@ -551,27 +478,30 @@ def calibrate(model, # trained detector (frozen here)
     rank, world = get_rank(), get_world_size()
     out_dir = Path(out_dir)
     ckpt_path, log_path = out_dir / CALIBRATION_FILE, out_dir / LOG_FILE
-    freeze_detector(model)
-    device = next(model.parameters()).device
-    rh = model.roi_heads
-    floor = neg_iou_floor if neg_iou_floor is not None else getattr(rh, 'neg_iou_floor', 0.0)
+    det = as_detector(model)
+    freeze_detector(det)
+    device = det.device
+    floor = neg_iou_floor if neg_iou_floor is not None else getattr(getattr(det.model, 'roi_heads', None), 'neg_iou_floor', 0.0)
     steps = calibration_lr_steps(iters, lr_steps)
     label_map = dataset.label_map
     category_ids = [int(c) for c in label_map.category_ids]
     by_id = dataset.stats.instance_counts
     counts = [0] + [int(by_id.get(c, 0)) for c in category_ids]   # per label, 0 = background
-    if len(counts) != detector_num_classes(model):
+    if len(counts) != det.num_classes():
         raise InputError(getattr(dataset, 'ann_file', '<dataset>'), f"the dataset has {len(counts) - 1} categories but "
-                         f"the detector {detector_num_classes(model) - 1}", field='categories')
+                         f"the detector {det.num_classes() - 1}", field='categories')
     config = dict(head=head, hidden=hidden, seed=seed, classes_per_iter=classes_per_iter, images_per_class=images_per_class,
                   tau=tau, lr=lr, lr_steps=list(steps), lr_gamma=lr_gamma, rois_per_image=rois_per_image,
                   positive_fraction=positive_fraction, neg_iou_floor=float(floor), flip_prob=flip_prob, iters=iters)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derived_seed(seed, 3))
-        cal_head = build_calibration_head(model, head, hidden)
+    heads = []
+    for k in range(det.num_stages):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(seed, 3) if k == 0 else derived_seed(seed, 3, k))
+            heads.append(build_calibration_head(det, head, hidden, stage=k))
+    cal_head = heads[0]
     config['hidden'] = cal_head.hidden
-    cal_head.to(device).train()
-    optimizer = torch.optim.SGD(cal_head.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    stage_heads = _StageHeads(heads).to(device).train()
+    optimizer = torch.optim.SGD(stage_heads.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
     start = 0
     if resume and ckpt_path.is_file():
         ck = load_calibration(ckpt_path)
@@ -581,8 +511,8 @@ def calibrate(model, # trained detector (frozen here)
         if ck['category_ids'] != category_ids: raise InputError(ckpt_path, 'cannot resume on another dataset (category ids differ)', field='category_ids')
         if detector_info and ck.get('detector', {}).get('sha256') not in (None, detector_info.get('sha256')):
             raise InputError(ckpt_path, 'cannot resume with another detector checkpoint (SHA-256 differs)', field='detector')
-        check_head_fits(model, ck, ckpt_path)
-        cal_head.load_state_dict(ck['head'])
+        check_head_fits(det, ck, ckpt_path)
+        for h, state in zip(heads, [ck['head']] + list(ck.get('stage_heads', []))): h.load_state_dict(state)
         optimizer.load_state_dict(ck['optimizer'])
         start = ck['iteration']
         if 'rng' in ck and 'torch' in ck['rng']: torch.set_rng_state(ck['rng']['torch'])
@@ -591,15 +521,16 @@ def calibrate(model, # trained detector (frozen here)
         out_dir.mkdir(parents=True, exist_ok=True)
         kept = [r for r in _read_log(log_path) if r.get('iter', 0) <= start]   # an exact resume rewrites the tail
         with atomic_write(log_path) as f: f.writelines(json.dumps(r) + '\n' for r in kept)
-    trained = cal_head
+    trained = stage_heads
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        trained = DistributedDataParallel(cal_head, device_ids=[device] if device.type == 'cuda' else None)
+        trained = DistributedDataParallel(stage_heads, device_ids=[device] if device.type == 'cuda' else None)
 
     def checkpoint(iteration):
         ck = {'format': CALIBRATION_FORMAT, 'kind': cal_head.kind, 'num_classes': cal_head.num_classes,
               'feature_shape': list(cal_head.feature_shape), 'hidden': cal_head.hidden,
               'head': {k: v.detach().cpu() for k, v in cal_head.state_dict().items()},
+              'stage_heads': [{k: v.detach().cpu() for k, v in h.state_dict().items()} for h in heads[1:]],
               'category_ids': category_ids, 'instance_counts': [int(n) for n in counts],
               'category_fingerprint': category_fingerprint(category_ids),
               'statistics_fingerprint': statistics_fingerprint(category_ids, counts),
@@ -620,16 +551,23 @@ def calibrate(model, # trained detector (frozen here)
         t0 = time.perf_counter()
         cur_lr = calibration_lr(it, lr, steps, lr_gamma)
         for g in optimizer.param_groups: g['lr'] = cur_lr
-        b = compose_calibration_batch(model, images, targets, positions, drawn, sampler.batch_size, seed, it,
+        b = compose_calibration_batch(det, images, targets, positions, drawn, sampler.batch_size, seed, it,
                                       rois_per_image, positive_fraction, neg_iou_floor, flip_prob)
-        n_total = b['num_fg'] + b['num_bg']
-        ce = F.cross_entropy(trained(b['features']), b['labels'], reduction='sum')
+        logits = trained([st['features'] for st in b['stages']])
+        # each stage: cross-entropy summed here, divided by the global count (x world: DDP averages the gradients);
+        # a process without a draw has empty features and adds 0, but still runs forward, backward and the all-reduce
+        ces = [F.cross_entropy(z, st['labels'], reduction='sum') for z, st in zip(logits, b['stages'])]
+        loss_t = sum(ce * world / max(st['num_fg'] + st['num_bg'], 1) for ce, st in zip(ces, b['stages']))
         optimizer.zero_grad()
-        (ce * world / max(n_total, 1)).backward()
+        loss_t.backward()
         optimizer.step()
-        loss = float(_all_reduce_sum(ce.detach().reshape(1).cpu())[0]) / max(n_total, 1)
+        n_total = b['num_fg'] + b['num_bg']
         dt = time.perf_counter() - t_last; t_last = time.perf_counter()
-        bar.update(1); bar.set_postfix(loss=f'{loss:.3f}', fg=b['num_fg'], lr=f'{cur_lr:g}')
+        bar.update(1)
+        if (it + 1) % log_every == 0 or it + 1 == iters:
+            # the one read-back of the loss, at logging time (every process joins the sum)
+            loss = float(all_reduce_sum(loss_t.detach().reshape(1) / world).cpu()[0])
+            bar.set_postfix(loss=f'{loss:.3f}', fg=b['num_fg'], lr=f'{cur_lr:g}')
         if rank == 0 and ((it + 1) % log_every == 0 or it + 1 == iters):
             with open(log_path, 'a') as f:
                 f.write(json.dumps({'iter': it + 1, 'loss': loss, 'lr': cur_lr, 'fg': b['num_fg'], 'bg': b['num_bg'],
@@ -651,7 +589,7 @@ def configure_calibrate_parser(parser) -> None:
     p.add_argument('--iters', type=int, default=12000, help='calibration iterations (paper: about 12k)')
     p.add_argument('--lr', type=float, default=0.01, help='SGD learning rate (no momentum, no weight decay)')
     p.add_argument('--lr-steps', type=int, nargs='*', default=None, help='iterations where the LR drops by --lr-gamma '
-                   '(default: 2/3 and 11/12 of --iters, i.e. 8000 11000 for 12k)')
+                   '(default: 7/12 and 10/12 of --iters, i.e. 7000 10000 for 12k, as the release)')
     p.add_argument('--lr-gamma', type=float, default=0.1, help='LR factor at each step')
     p.add_argument('--classes-per-iter', type=int, default=16, help='classes drawn per iteration, over all processes')
     p.add_argument('--images-per-class', type=int, default=1, help='images drawn per drawn class')
@@ -669,23 +607,23 @@ def configure_calibrate_parser(parser) -> None:
     p.add_argument('--resume', action='store_true', help='continue from --out/calibration.pt (exactly) if it exists')
     p.add_argument('--num-workers', type=int, default=0, help='image-loading processes per rank')
     p.add_argument('--log-every', type=int, default=1, help='iterations per line of calibration_log.jsonl')
-    p.add_argument('--device', default=None, help="'cpu' or 'cuda' (default: this rank's GPU if any)")
+    p.add_argument('--device', default=None, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (one process per node; default: this rank's GPU if any)")
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 def run_calibrate(args) -> int:
     "Run `simcal calibrate`."
     from simcal.data import load_detection_dataset
-    from simcal.train import preset_protocol
     try:
         info = init_distributed(args.device)
         model, meta = load_detector(args.detector, device=info.device)
+        detector = as_detector(model, meta)
         dataset = load_detection_dataset(args.train_ann, args.image_root, train=True)
         check_dataset_classes(meta, dataset, args.detector, exact=True)
         protocol = args.protocol or preset_protocol(meta)
         detector_info = {'checkpoint': str(args.detector), 'sha256': file_sha256(args.detector), 'preset': meta.get('preset'),
                          'category_fingerprint': category_fingerprint(meta['category_ids'])}
         t0 = time.perf_counter()
-        ck = calibrate(model, dataset, args.out, head=args.head, iters=args.iters, lr=args.lr, lr_steps=args.lr_steps,
+        ck = calibrate(detector, dataset, args.out, head=args.head, iters=args.iters, lr=args.lr, lr_steps=args.lr_steps,
                        lr_gamma=args.lr_gamma, classes_per_iter=args.classes_per_iter, images_per_class=args.images_per_class,
                        tau=args.tau, rois_per_image=args.rois_per_image, positive_fraction=args.positive_fraction,
                        neg_iou_floor=args.neg_iou_floor, flip_prob=args.hflip_prob, hidden=args.hidden, seed=args.seed,

@@ -22,7 +22,7 @@ COMMANDS = [
      'evaluate detections (LVIS or COCO protocol) with per-bin AP'),
     (('train',),          'simcal.train',       'configure_train_parser',     'run_train',
      'train the base Mask R-CNN (plain process or torchrun)'),
-    (('test',),           'simcal.train',       'configure_test_parser',      'run_test',
+    (('test',),           'simcal.testing',     'configure_test_parser',      'run_test',
      'run distributed inference and evaluate'),
     (('calibrate',),      'simcal.calibration', 'configure_calibrate_parser', 'run_calibrate',
      'train a calibration head on bi-level sampled proposals (plain process or torchrun)'),

@@ -25,7 +25,7 @@ def demo_detector(train_ann, image_root, out_dir, seed=0):
     import torch
     from simcal.data import load_detection_dataset
     from simcal.model import PRESETS, build_mask_rcnn
-    from simcal.train import make_meta, save_checkpoint
+    from simcal.checkpoint import make_meta, save_checkpoint
     ds = load_detection_dataset(train_ann, image_root, train=True)
     preset = PRESETS['demo']
     torch.manual_seed(seed)
@@ -43,7 +43,7 @@ def bench_loop(detector, train_ann, image_root, heads, iters, warmup, seed=0):
                                     LOG_FILE)
     from simcal.data import load_detection_dataset
     from simcal.sampler import BiLevelSampler
-    from simcal.train import load_detector
+    from simcal.checkpoint import load_detector
     model, meta = load_detector(detector)
     freeze_detector(model)
     ds = load_detection_dataset(train_ann, image_root, train=True)

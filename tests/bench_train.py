@@ -41,7 +41,7 @@ def bench_training(ds, preset, iters, warmup, seed=0):
 
 def bench_inference(model, ds, n_images, batch_size=1):
     "Median seconds per image of inference with conversion to LVIS results (300 dets, masks as RLE)."
-    from simcal.train import detections_to_results
+    from simcal.inference import detections_to_results
     model.eval()
     times, cpu, dets = [], [], 0
     idx = list(range(min(n_images + 2, len(ds))))
@@ -94,7 +94,8 @@ def main(argv=None):
     print(f'(inference: {dets:.0f} detections per image with the untrained-to-briefly-trained model; '
           f'load average now {load_average():.2f})')
     if args.full:
-        from simcal.train import train_detector, test_detector
+        from simcal.train import train_detector
+        from simcal.testing import test_detector
         out = Path(args.out or Path(tmp.name) / 'demo')
         t0 = time.perf_counter()
         res = train_detector(paths.train_ann, paths.image_root, out, preset='demo', overrides=overrides,

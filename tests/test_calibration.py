@@ -12,16 +12,16 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from simcal.calibration import (CALIBRATION_FILE, LOG_FILE, DualHeadPredictor, attach_calibration, build_calibration_head,
+from simcal.calibration import (CALIBRATION_FILE, LOG_FILE, DualHeadScorer, attach_calibration, build_calibration_head,
                                 calibrate, combine_dual_results, compose_calibration_batch, detach_calibration,
-                                detections_to_records, dual_head_scores, load_calibration, set_dual_mode,
-                                train_proposal_counts)
+                                detections_to_records, dual_head_scores, load_calibration, set_dual_mode)
+from simcal.detector import ScoredBoxPredictor, as_detector, train_proposal_counts
 from simcal.cli import main as cli_main
 from simcal.core import InputError, PROTOCOLS, save_json
 from simcal.data import load_detection_dataset
 from simcal.model import PRESETS, build_mask_rcnn
 from simcal.sampler import BiLevelSampler
-from simcal.train import load_detector, make_meta, save_checkpoint
+from simcal.checkpoint import load_detector, make_meta, save_checkpoint
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 # the demo preset's structure at a size that runs in seconds; train/test proposal counts differ on purpose
@@ -146,7 +146,8 @@ def test_dual_predictor_columns(detector, train_set):
         try:
             attach_calibration(detector, ck, mode='dual')
             rh = detector.roi_heads
-            assert isinstance(rh.box_predictor, DualHeadPredictor) and rh.box_predictor.threshold == T_SYNTH
+            assert isinstance(rh.box_predictor, ScoredBoxPredictor) and as_detector(detector).scorer().threshold == T_SYNTH
+            assert isinstance(as_detector(detector).scorer(), DualHeadScorer)
             logp, deltas = rh.box_predictor(rh.box_head(feats))
         finally:
             detach_calibration(detector)

@@ -14,8 +14,9 @@ from simcal.cli import main as cli_main
 from simcal.core import save_json
 from simcal.data import load_detection_dataset
 from simcal.model import PRESETS
-from simcal.train import (GroupedBatchSchedule, forward_losses, load_checkpoint, load_detector, run_inference,
-                          train_detector)
+from simcal.checkpoint import load_checkpoint, load_detector
+from simcal.inference import run_inference
+from simcal.train import GroupedBatchSchedule, forward_losses, train_detector
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 # a model small enough for seconds-long runs (the demo preset's structure at 64-80 px)
@@ -114,7 +115,8 @@ DDP_WORKER = textwrap.dedent('''
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from test_train import deterministic_model, toy_dataset
-    from simcal.train import init_distributed, forward_losses, GroupedBatchSchedule, cleanup_distributed
+    from simcal.comm import init_distributed, cleanup_distributed
+    from simcal.train import forward_losses, GroupedBatchSchedule
     info = init_distributed('cpu')
     ds = toy_dataset({ann!r}, {root!r})
     model = deterministic_model(ds)
@@ -235,14 +237,19 @@ def test_loss_falls_and_inference_limits(toy, tmp_path):
     per_image = Counter(r['image_id'] for r in results)
     assert 0 < max(per_image.values()) <= 300
     assert {r['category_id'] for r in results} <= {1, 2, 3}
-    # simcal test honours --max-dets and writes results.json (and metrics.json when simcal.evaluate exists)
+    # simcal test honours --max-dets and writes results.json (boxes) and results_segm.json (masks, no box), and
+    # metrics.json
     out = tmp_path / 'test'
     rc = cli_main(['test', '--checkpoint', str(res['final']), '--ann', str(ann), '--image-root', str(root),
                    '--out', str(out), '--max-dets', '7', '--num-workers', '0', '--no-progress'])
     assert rc == 0
     written = json.loads((out / 'results.json').read_text())
     assert max(Counter(r['image_id'] for r in written).values()) == 7
-    assert all(isinstance(r['segmentation']['counts'], str) for r in written)
+    masks = json.loads((out / 'results_segm.json').read_text())
+    assert len(masks) == len(written) and all('bbox' not in r and 'segmentation' not in w for r, w in zip(masks, written))
+    assert all(isinstance(r['segmentation']['counts'], str) for r in masks)
+    # scores at full float32 precision: the records hold the model's float32 values, not 6-decimal roundings
+    assert all(np.float32(r['score']) == r['score'] for r in written) and any(r['score'] != round(r['score'], 6) for r in written)
     metrics = json.loads((out / 'metrics.json').read_text())
     assert metrics['protocol'] == 'synth' and len(metrics['bbox']['bins']) == 4 and 0 <= metrics['segm']['AP'] <= 1
 
