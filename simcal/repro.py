@@ -11,9 +11,10 @@ from .core import save_json, load_json, InputError, atomic_write
 # %% auto #0
 __all__ = ['PAPER_COLUMNS', 'PAPER_LVIS', 'PAPER_COCO_LT', 'PAPER_T_SWEEP', 'PAPER_HEADS', 'PAPER_CAL_STEPS_AP', 'PAPER_BIN_BASE',
            'PAPER_BIN_COUNT', 'STATUS_ENV', 'REPRO_NOTEBOOKS', 'metrics_row', 'comparison_table', 'save_table',
-           'available_cpus', 'report_status', 'end_process_group', 'torchrun', 'device_kind', 'step_key', 'train_base',
-           'calibrate_head', 'test_model', 'repo_root', 'find_notebooks', 'run_notebook', 'relative_to_checkout',
-           'StatusPrinter', 'timing_table', 'configure_repro_parser', 'notebook_parameters', 'run_repro']
+           'show_figure', 'available_cpus', 'report_status', 'end_process_group', 'torchrun', 'device_kind', 'step_key',
+           'train_base', 'calibrate_head', 'test_model', 'repo_root', 'find_notebooks', 'run_notebook',
+           'relative_to_checkout', 'StatusPrinter', 'timing_table', 'configure_repro_parser', 'notebook_parameters',
+           'run_repro']
 
 # %% ../nbs/91_repro.ipynb #a5ae1f19
 PAPER_COLUMNS = ['AP1', 'AP2', 'AP3', 'AP4', 'APr', 'APc', 'APf', 'AP']
@@ -102,6 +103,17 @@ def save_table(df, stem) -> list[Path]:
 def _has_tabulate():
     try: import tabulate; return True
     except ImportError: return False
+
+def show_figure(fig):
+    "Show a figure once in the notebook's output (an image, whatever matplotlib's backend), then close it."
+    import matplotlib.pyplot as plt
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+        if get_ipython() is not None: display(fig)
+    finally:
+        plt.close(fig)
+
 
 # %% ../nbs/91_repro.ipynb #1fe6eb35
 STATUS_ENV = 'SIMCAL_STATUS_FILE'
