@@ -266,3 +266,50 @@ def test_bad_input(detector, train_set, synth, detector_ckpt, tmp_path, capsys):
     opts = dict(iters=1, rois_per_image=32, progress=False)
     calibrate(detector, train_set, tmp_path / 'r', seed=0, **opts)
     with pytest.raises(InputError, match='seed'): calibrate(detector, train_set, tmp_path / 'r', seed=1, resume=True, **{**opts, 'iters': 2})
+
+
+def test_a_multi_stage_detector_plugs_in(detector_ckpt, train_set, tmp_path):
+    # A stand-in for a cascade: the tiny Mask R-CNN seen as two stages (stage 2 re-samples the RoIs with its own
+    # seeds and reads the same features). Only the adapter knows it: calibration, batch composition, heads,
+    # checkpoints and dual-head inference are the library's, untouched.
+    from simcal.detector import MaskRCNNAdapter, ScoredBoxPredictor
+
+    class TwoStage(MaskRCNNAdapter):
+        num_stages = 2
+        def _check_stage(self, stage): assert 0 <= stage < 2
+        def sample_training_rois(self, images, targets, flips, seeds, **kw):
+            s = super().sample_training_rois(images, targets, flips, seeds, **kw)
+            s2 = super().sample_training_rois(images, targets, flips, [x + 1 for x in seeds], **kw)
+            return {**s, 'stages': s['stages'] + s2['stages']}
+        def install_scorer(self, scorer):
+            super().install_scorer(scorer)
+            self.model.roi_heads.box_predictor = TwoStagePredictor(self.model.roi_heads.box_predictor.box_predictor, scorer)
+
+    class TwoStagePredictor(ScoredBoxPredictor):
+        def forward(self, x):
+            box_features, roi_features = x
+            logits, deltas = self.box_predictor(box_features)
+            return torch.log(self.scorer([logits, logits], [roi_features, roi_features])), deltas
+
+    model = load_detector(detector_ckpt)[0]
+    two = TwoStage(model)
+    ck = calibrate(two, train_set, tmp_path / 'cal', head='3fc_ft', iters=2, lr=0.05, classes_per_iter=4,
+                   rois_per_image=32, seed=1, progress=False, dual_threshold=T_SYNTH)
+    assert len(ck['stage_heads']) == 1 and ck['config']['iters'] == 2
+    # both heads started as the same copy of the classification path and were trained on different RoIs
+    assert any(not torch.equal(ck['head'][k], ck['stage_heads'][0][k]) for k in ck['head'])
+    one = load_detector(detector_ckpt)[0]
+    with pytest.raises(InputError, match='heads for 2 stage'): attach_calibration(one, ck)   # a one-stage detector
+    val_images = [train_set[i][0] for i in range(2)]
+    with torch.no_grad():
+        plain = model(val_images)
+        attach_calibration(two, ck, mode='orig')
+        assert isinstance(model.roi_heads.box_predictor, TwoStagePredictor)
+        orig = model(val_images)
+        set_dual_mode(two, 'dual')
+        dual = model(val_images)
+        detach_calibration(two)
+    for a, b in zip(plain, orig):     # the mean of two equal stages' logits: the detector's own scores
+        torch.testing.assert_close(a['scores'], b['scores'], atol=1e-5, rtol=1e-5)
+    assert any(not torch.equal(a['scores'], b['scores']) for a, b in zip(plain, dual))
+    assert type(model.roi_heads.box_predictor).__name__ == 'AgnosticBoxPredictor'
