@@ -15,7 +15,7 @@ __all__ = ['ADAPTERS', 'hflip_batch', 'DetectorAdapter', 'register_adapter', 'as
            'roi_sampling_settings', 'BoxHeadWithFeatures', 'ScoredBoxPredictor', 'postprocess_log_probabilities',
            'MaskRCNNAdapter']
 
-# %% ../nbs/05c_detector.ipynb #425a587c
+# %% ../nbs/05c_detector.ipynb #28537d08
 def hflip_batch(images:list, targets:list, flips:list) -> tuple[list, list]:
     "Flip the images (and their boxes and masks) whose entry in `flips` is true."
     out_i, out_t = [], []
@@ -160,7 +160,6 @@ def postprocess_log_probabilities(self, class_logits, box_regression, proposals,
         all_boxes.append(boxes[keep]); all_scores.append(scores[keep]); all_labels.append(labels[keep])
     return all_boxes, all_scores, all_labels
 
-# %% ../nbs/05c_detector.ipynb #bf654cb5
 @register_adapter
 class MaskRCNNAdapter(DetectorAdapter):
     "The detector contract for torchvision's Mask R-CNN / Faster R-CNN (one classification stage)."
