@@ -58,61 +58,58 @@ RLE_PROBLEMS = {
 
 def _mark(status, ids, code):
     "Give `code` to the strings `ids` that have no problem yet."
-    ids = np.unique(ids)
     status[ids] = np.where(status[ids] == 0, code, status[ids])
-
-def _segmented_cumsum(x, seg_start):
-    "Cumulative sums of `x` restarting where `seg_start` is True."
-    cs = np.cumsum(x)
-    first = np.flatnonzero(seg_start)
-    base = np.repeat(cs[first] - x[first], np.diff(np.r_[first, len(x)]))
-    return cs - base
 
 def _rle_chunk(s, lengths):
     "Sums and problem codes of the compressed RLE strings concatenated in `s` (uint8) with these lengths."
     n = len(lengths)
     sums, status = np.zeros(n, np.int64), np.zeros(n, np.int8)
-    nonempty = lengths > 0
     if not len(s): return sums, status
-    sid = np.repeat(np.arange(n), lengths)
-    last = np.cumsum(lengths)[nonempty] - 1                # the last character of each non-empty string
-    v = s.astype(np.int64) - 48
-    bad = (v < 0) | (v > 63)
-    _mark(status, sid[bad], 1)
-    v[bad] = 0
-    cont = (v & 0x20) != 0
-    _mark(status, sid[last[cont[last]]], 2)
-    cont[last] = False                                     # numbers never run across strings
-    ends = np.flatnonzero(~cont)
-    starts = np.r_[0, ends[:-1] + 1]
-    glen = ends - starts + 1
-    pos = np.arange(len(s)) - np.repeat(starts, glen)
-    long = glen > 7                                        # over 35 bits: no image has that many pixels
-    if long.any():
-        _mark(status, sid[ends[long]], 3)
-        pos = np.minimum(pos, 7)
-    x = np.add.reduceat((v & 0x1f) << (5 * pos), starts)
-    neg = (v[ends] & 0x10) != 0
-    x[neg] -= np.left_shift(1, 5 * np.minimum(glen[neg], 7))
-    # pycocotools' rleFrString: from the fourth number on, each is a difference to the one two places before
-    g_sid = sid[ends]
-    g_first = np.r_[True, g_sid[1:] != g_sid[:-1]]
-    m = np.arange(len(x)) - np.repeat(np.flatnonzero(g_first), np.diff(np.r_[np.flatnonzero(g_first), len(x)]))
-    c = x.copy()
-    for parity in (1, 0):
-        sel = np.flatnonzero((m % 2 == parity) & (m >= 1))
-        if len(sel):
-            seg = np.r_[True, g_sid[sel][1:] != g_sid[sel][:-1]]
-            c[sel] = _segmented_cumsum(x[sel], seg)
-    negative = c < 0
-    _mark(status, g_sid[negative], 4)
-    sums[np.unique(g_sid)] = np.add.reduceat(c, np.flatnonzero(g_first))
+    bounds = np.cumsum(lengths)                            # one past the last character of each string
+    nonempty = np.flatnonzero(lengths > 0)
+    v = s - np.uint8(48)
+    bad = v > 63                                           # outside '0'..'o' (below '0' wraps around)
+    if bad.any():
+        _mark(status, np.searchsorted(bounds, np.flatnonzero(bad), 'right'), 1)
+        v = np.where(bad, np.uint8(0), v)
+    end = v < 32                                           # the last character of a number (no continuation bit)
+    last = bounds[nonempty] - 1
+    unfinished = ~end[last]
+    if unfinished.any(): _mark(status, nonempty[unfinished], 2); end[last] = True  # numbers never span strings
+    ends = np.flatnonzero(end)
+    ve = v[ends].astype(np.int64)
+    x = (ve & 15) - (ve & 16)                              # the last character holds the sign: Horner from there
+    rows, at = np.arange(len(ends)), ends
+    for k in range(1, 8):
+        more = np.flatnonzero(~end[at - 1])                # (at - 1 is never before a string's first character)
+        if not len(more): break
+        if k == 7: _mark(status, np.searchsorted(bounds, at[more], 'right'), 3); break  # over 35 bits
+        rows, at = rows[more], at[more] - 1
+        x[rows] = (x[rows] << 5) + (v[at] & 31)
+    # pycocotools' rleFrString: from the fourth number of a string on, each is a difference to the one two before.
+    # One cumulative sum per global parity (a (G/2, 2) view) gives both chains; each string's share is its difference.
+    first = np.searchsorted(ends, bounds - lengths)       # each string's first number
+    per = np.diff(np.r_[first, len(ends)])
+    has = np.flatnonzero(per > 0)
+    y = x.copy(); y[first[has]] = 0                        # the first number is no difference and starts no chain
+    if len(y) % 2: y = np.r_[y, 0]
+    C = y.reshape(-1, 2).cumsum(0).ravel()[:len(x)]
+    f = first[has]
+    same = C[f]; other = np.where(f > 0, C[np.maximum(f - 1, 0)], 0)
+    even_f = (f % 2 == 0)
+    base_even, base_odd = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    base_even[has] = np.where(even_f, same, other); base_odd[has] = np.where(even_f, other, same)
+    B = np.repeat(base_even, per); B[1::2] = np.repeat(base_odd, per)[1::2]
+    c = C - B
+    c[f] = x[f]
+    if len(c) and c.min() < 0: _mark(status, np.searchsorted(bounds, ends[c < 0], 'right'), 4)
+    sums[has] = np.add.reduceat(c, f)
     return sums, status
 
 def rle_string_sums(buf, # uint8 array (or bytes) holding the strings
                     starts, lengths, # where each string lies in `buf`
                     json_escaped:bool=False, # the strings are as written in JSON (a backslash appears as two)
-                    chunk:int=1 << 22, # bytes of strings decoded at a time (bounds the memory)
+                    chunk:int=1 << 16, # bytes of strings decoded at a time (small: the temporaries stay in cache)
                    ):
     """The sum of the run lengths of each compressed COCO RLE string, and a problem code per string (0: none; see
     `RLE_PROBLEMS`), decoded as pycocotools' `rleFrString` reads them; vectorised. Returns `(sums, codes)`, or
@@ -136,16 +133,16 @@ def rle_string_sums(buf, # uint8 array (or bytes) holding the strings
 
 def _unescape(s, lengths):
     "Doubled backslashes of JSON strings to single ones; `(None, None)` if another escape is present."
-    sid = np.repeat(np.arange(len(lengths)), lengths)
-    b = s == 92
-    first = np.r_[True, sid[1:] != sid[:-1]]
-    run_start = b & (np.r_[True, ~b[:-1]] | first)
-    idx = np.arange(len(s))
-    pos = idx - np.maximum.accumulate(np.where(run_start, idx, 0))
-    run_end = b & (np.r_[~b[1:], True] | np.r_[first[1:], True])
-    if (pos[run_end] % 2 == 0).any(): return None, None   # a run of odd length: some other escape
-    keep = ~(b & (pos % 2 == 1))
-    return s[keep], np.bincount(sid[keep], minlength=len(lengths)).astype(np.int64)
+    b = np.flatnonzero(s == 92)
+    bounds = np.cumsum(lengths)
+    sid = np.searchsorted(bounds, b, 'right')
+    new_run = np.r_[True, (np.diff(b) != 1) | (np.diff(sid) != 0)]
+    run_id = np.cumsum(new_run) - 1
+    rank = np.arange(len(b)) - np.flatnonzero(new_run)[run_id]
+    if (np.bincount(run_id) % 2).any(): return None, None   # a run of odd length: some other escape
+    drop = b[rank % 2 == 1]
+    keep = np.ones(len(s), bool); keep[drop] = False
+    return s[keep], lengths - np.bincount(sid[rank % 2 == 1], minlength=len(lengths))
 
 # %% ../nbs/00a_checks.ipynb #e8e6be40
 def record_name(kind:str, i:int, rid=None) -> str:
