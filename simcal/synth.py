@@ -544,7 +544,7 @@ def make_synthetic(out_dir, # folder to create: images/{train,val}/*.png and ann
                    **options, # further `design_synthetic` settings: min_objects, max_objects, val_min_instances, ...
                   ) -> SyntheticPaths:
     "Generate the synthetic long-tail LVIS-format dataset in `out_dir` (all or nothing; reused when already there)."
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the text bar (tqdm.auto warns in a kernel without ipywidgets)
     root = Path(out_dir)
     design = design_synthetic(seed, num_classes, num_train, num_val, image_size, **options)
     if root.exists() and not force:
