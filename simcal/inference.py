@@ -11,7 +11,7 @@ from .comm import get_rank, get_world_size, gather_to_main
 from .checkpoint import unwrap
 
 # %% auto #0
-__all__ = ['masks_to_rles', 'detections_to_results', 'split_results', 'run_inference']
+__all__ = ['masks_to_rles', 'detections_to_results', 'split_results', 'ImagesOnly', 'images_only', 'run_inference']
 
 # %% ../nbs/05d_inference.ipynb #a97ec320
 def masks_to_rles(masks:torch.Tensor, # [N, 1, H, W] probabilities or [N, H, W] binary
@@ -55,6 +55,18 @@ def split_results(records:list, # records of `detections_to_results` (box and, w
     segms = [{k: r[k] for k in keep_segm} for r in records if 'segmentation' in r]
     return boxes, segms
 
+class ImagesOnly(torch.utils.data.Dataset):
+    "Items `(image, {'image_id'})` of a simcal.data dataset, read without decoding its annotations (masks)."
+    def __init__(self, dataset): self.dataset = dataset
+    def __len__(self): return len(self.dataset)
+    def __getitem__(self, i):
+        return self.dataset.load_image(i).float().div_(255), {'image_id': int(self.dataset.image_info(i)['id'])}
+
+def images_only(dataset):
+    "`ImagesOnly(dataset)` where the dataset can read an image alone (no transforms), else the dataset itself."
+    ok = all(hasattr(dataset, a) for a in ('load_image', 'image_info')) and getattr(dataset, 'transforms', None) is None
+    return ImagesOnly(dataset) if ok else dataset
+
 @torch.no_grad()
 def run_inference(model:nn.Module, # a detector (eval mode is set here)
                   dataset, # a simcal.data dataset (items (image, target) with target['image_id'])
@@ -83,7 +95,8 @@ def run_inference(model:nn.Module, # a detector (eval mode is set here)
     amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
     rank, world = get_rank(), get_world_size()
     shard = list(range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
+    # inference needs the images and their ids only: the ground-truth masks are never decoded
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images_only(dataset), shard), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=collate_detection,
                                          pin_memory=device.type == 'cuda')
     results = []

@@ -165,9 +165,13 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
     info = init_distributed(device)
     out_dir = Path(out_dir)
     if deterministic:
-        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
-        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        if info.device.type == 'cuda':
+            # torch's deterministic mode would route every torchvision roi_align through a slow compiled Python
+            # fallback (and need a compiler): on GPU only cuDNN is made deterministic, and runs are not bitwise
+            if info.is_main: warnings.warn('--deterministic on CUDA: cuDNN deterministic only; bitwise reproducibility is a CPU property')
+        else:
+            torch.use_deterministic_algorithms(True, warn_only=True)
     # -- settings
     base = PRESETS[preset] if isinstance(preset, str) else preset
     if isinstance(preset, str) and preset not in PRESETS: raise InputError(preset, f'unknown preset; known: {", ".join(PRESETS)}')
@@ -333,7 +337,7 @@ def configure_train_parser(parser:argparse.ArgumentParser) -> None:
                    help='continue a run: from CHECKPOINT, or without a value from the newest checkpoint in --out')
     p.add_argument('--amp', action='store_true', help='mixed precision: autocast FP16 + gradient scaler on GPU, bfloat16 on CPU')
     p.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'], help='autocast type of --amp (default: float16 on GPU, bfloat16 on CPU)')
-    p.add_argument('--deterministic', action='store_true', help='use deterministic algorithms (bitwise-reproducible on CPU)')
+    p.add_argument('--deterministic', action='store_true', help='deterministic algorithms: bitwise-reproducible on CPU; on GPU only cuDNN is made deterministic')
     p.add_argument('--num-workers', type=int, default=2, help='data-loading processes per rank')
     p.add_argument('--backbone-weights', default=None, help='ImageNet ResNet state dict (torchvision format) for presets that start from it')
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='NAME=VALUE', help='change preset settings (see simcal.model.DetectorPreset)')
