@@ -102,9 +102,9 @@ def forward_losses(model:nn.Module, # the detector in train mode (DDP-wrapped or
                   ) -> tuple[torch.Tensor, dict]:
     "One training forward pass: flips, device transfer, re-seeding, losses. Returns (total loss, loss terms)."
     flips = np.random.default_rng(step_seed(seed, iteration, rank, 1)).random(len(images)) < hflip_prob
-    images, targets = hflip_batch(images, targets, flips.tolist())
     images = [im.to(device, non_blocking=True) for im in images]
     targets = to_device(targets, device)
+    images, targets = hflip_batch(images, targets, flips.tolist())   # on the device, after the (pinned) copy
     torch.manual_seed(step_seed(seed, iteration, rank, 2))
     dev = torch.device(device)
     with torch.autocast(dev.type, dtype=amp_dtype or default_amp_dtype(dev), enabled=amp):
