@@ -35,6 +35,7 @@ def match_proposals(proposals:torch.Tensor, # (P, 4) XYXY proposals of one image
                     gt_boxes:torch.Tensor, # (G, 4) XYXY ground-truth boxes, same frame
                     gt_labels:torch.Tensor, # (G,) their labels 1..C
                     iou_thresh:float=0.5, # a proposal takes the label of its best ground truth if their IoU >= this
+                    legacy_iou:bool=False, # mmdet v1's IoU of pixel-index boxes (w = x2 - x1 + 1), as its assigner
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     "`(labels, ious)` of the proposals: the label of the ground truth each overlaps most (0 below `iou_thresh`) and that IoU."
     if not 0.0 < iou_thresh <= 1.0: raise ValueError(f"iou_thresh must be in (0, 1], got {iou_thresh}")
@@ -42,7 +43,11 @@ def match_proposals(proposals:torch.Tensor, # (P, 4) XYXY proposals of one image
     if gt_boxes.numel() == 0 or n == 0:
         return (torch.zeros(n, dtype=torch.int64, device=proposals.device),
                 torch.zeros(n, dtype=torch.float32, device=proposals.device))
-    iou = box_iou(proposals.float(), gt_boxes.to(proposals.device).float())     # (P, G)
+    p, g = proposals.float(), gt_boxes.to(proposals.device).float()
+    if legacy_iou:   # "+1" boxes: extend the far corner by one pixel, then the continuous IoU is mmdet v1's
+        one = torch.tensor([0., 0., 1., 1.], device=p.device)
+        p, g = p + one, g + one
+    iou = box_iou(p, g)                                                         # (P, G)
     best, idx = iou.max(dim=1)                                                  # first ground truth on ties
     labels = gt_labels.to(proposals.device, torch.int64)[idx]
     labels = torch.where(best >= iou_thresh, labels, torch.zeros_like(labels))
@@ -53,11 +58,12 @@ class PropsGTScorer(nn.Module):
     "Scorer (see `DetectorAdapter.install_scorer`) that classifies each proposal as its matched ground truth."
     def __init__(self, score:str='one', # 'one' (release reading, default), 'iou' or 'fg_prob'; see the notebook
                  iou_thresh:float=0.5, # matching IoU (the paper: 0.5)
+                 legacy_iou:bool=False, # mmdet v1's "+1" IoU (see `match_proposals`)
                 ):
         super().__init__()
         if score not in PROPS_GT_SCORES: raise ValueError(f"unknown Props-GT score {score!r}; known: {', '.join(PROPS_GT_SCORES)}")
         if not 0.0 < iou_thresh <= 1.0: raise ValueError(f"iou_thresh must be in (0, 1], got {iou_thresh}")
-        self.score, self.iou_thresh = score, float(iou_thresh)
+        self.score, self.iou_thresh, self.legacy_iou = score, float(iou_thresh), bool(legacy_iou)
         self._labels = self._ious = None
 
     def set_matches(self, proposals:list, # the RPN proposals of each image of the batch (the rows the heads score)
@@ -65,7 +71,7 @@ class PropsGTScorer(nn.Module):
                     gt_labels:list, # their labels
                    ):
         "Match the batch's proposals to its ground truth (called before the box heads run)."
-        pairs = [match_proposals(p, b, l, self.iou_thresh) for p, b, l in zip(proposals, gt_boxes, gt_labels)]
+        pairs = [match_proposals(p, b, l, self.iou_thresh, self.legacy_iou) for p, b, l in zip(proposals, gt_boxes, gt_labels)]
         self._labels = torch.cat([l for l, _ in pairs]) if pairs else None
         self._ious = torch.cat([i for _, i in pairs]) if pairs else None
 
@@ -102,12 +108,13 @@ class PropsGT:
                  score:str='one', # 'one' (default), 'iou' or 'fg_prob'
                  iou_thresh:float=0.5, # matching IoU
                  include_crowd:bool=False, # also match crowd regions (`iscrowd=1`; COCO): they are ignored by the evaluation
+                 legacy_iou:bool=False, # mmdet v1's "+1" IoU for the matching (converted release checkpoints)
                 ):
         self.det = as_detector(model)
         self.rpn = getattr(self.det.model, 'rpn', None)
         if not isinstance(self.rpn, nn.Module):
             raise TypeError(f"Props-GT needs the detector's region proposal network as `.rpn`; {type(self.det.model).__name__} has none")
-        self.scorer = PropsGTScorer(score, iou_thresh)
+        self.scorer = PropsGTScorer(score, iou_thresh, legacy_iou)
         self.include_crowd = bool(include_crowd)
         self._pending, self._hook, self._previous = None, None, None
 
@@ -163,6 +170,7 @@ def run_props_gt(model:nn.Module, # a detector (eval mode is set here)
                  dataset, # a simcal.data dataset: items (image, target with boxes, labels, image_id)
                  score:str='one', # Props-GT score: 'one' (default), 'iou', 'fg_prob'
                  iou_thresh:float=0.5, # proposal-to-ground-truth matching IoU
+                 legacy_iou:bool=False, # mmdet v1's "+1" IoU for the matching
                  label_map=None, # label -> category id; default: the dataset's
                  score_thresh:float|None=None, # override the model's score threshold (must be >= 0)
                  max_dets:int|None=None, # override the model's detections per image
@@ -191,7 +199,7 @@ def run_props_gt(model:nn.Module, # a detector (eval mode is set here)
     heads.score_thresh = thresh
     if max_dets is not None: heads.detections_per_img = int(max_dets)
     try:
-        with PropsGT(net, score, iou_thresh) as oracle:
+        with PropsGT(net, score, iou_thresh, legacy_iou=legacy_iou) as oracle:
             for images, targets in tqdm(loader, disable=not (progress and rank == 0), desc='Props-GT', dynamic_ncols=True):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                     outputs = oracle([im.to(device) for im in images], targets)

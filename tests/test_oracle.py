@@ -217,3 +217,24 @@ def test_bad_input():
     p = argparse.ArgumentParser(); add_oracle_arguments(p)
     assert p.parse_args([]).oracle is None and p.parse_args([]).oracle_score == 'one'
     with pytest.raises(SystemExit): p.parse_args(['--oracle', 'cls-gt'])
+
+
+def test_legacy_iou_matching_is_mmdet_v1s_formula():
+    # mmdet v1 bbox_overlaps: areas and intersections of pixel-index boxes, w = x2 - x1 + 1
+    def v1_iou(a, b):
+        iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]) + 1); ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+        area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)
+        return iw * ih / (area(a) + area(b) - iw * ih)
+    g = torch.Generator().manual_seed(0)
+    gt = torch.tensor([[10., 10., 30., 30.], [5., 40., 60., 62.]])
+    xy = torch.randint(0, 50, (200, 2), generator=g).float()
+    props = torch.cat([xy, xy + torch.randint(1, 40, (200, 2), generator=g).float()], 1)
+    labels, ious = match_proposals(props, gt, torch.tensor([1, 2]), legacy_iou=True)
+    want = torch.tensor([max(v1_iou(p.tolist(), q.tolist()) for q in gt) for p in props])
+    assert torch.allclose(ious, want, atol=1e-6)
+    assert labels.tolist() == [0 if w < 0.5 else 1 + max(range(2), key=lambda k: v1_iou(p.tolist(), gt[k].tolist()))
+                               for p, w in zip(props, want.tolist())]
+    # the boundary moves: 441 / 882 = 0.5 with "+1", 400 / 820 < 0.5 without
+    p = torch.tensor([[10., 10., 30., 51.]])
+    assert match_proposals(p, gt[:1], torch.tensor([3]), legacy_iou=True)[0].item() == 3
+    assert match_proposals(p, gt[:1], torch.tensor([3]))[0].item() == 0
