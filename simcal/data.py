@@ -93,10 +93,11 @@ def _check_top_level(data, path, keys=('images', 'annotations', 'categories')):
 
 def validate_annotations(data:dict, # a loaded LVIS/COCO annotation file
                          path, # its path, for the messages
-                         allow=(), # checks to skip (`simcal.checks.ALLOW`; here: 'degenerate-boxes')
+                         allow=(), # checks to skip (`simcal.checks.ALLOW`: 'degenerate-boxes', 'invalid-polygons')
+                         segmentation:bool=True, # every annotation must carry a mask (the datasets decode them)
                         ) -> None:
-    "Check an LVIS/COCO annotation file with `simcal.checks.check_ground_truth` (masks required); `InputError` naming file, record and field."
-    check_ground_truth(data, path, allow=allow, segmentation=True)
+    "Check an LVIS/COCO annotation file with `simcal.checks.check_ground_truth`; `InputError` naming file, record and field."
+    check_ground_truth(data, path, allow=allow, segmentation=segmentation)
 
 def is_lvis(data:dict) -> bool:
     "Whether a loaded annotation file is LVIS-format (categories with `frequency` or images with `neg_category_ids`)."
@@ -170,7 +171,7 @@ class CategoryStats:
                          allow=(), # its checks to skip (`simcal.checks.ALLOW`)
                         ) -> 'CategoryStats':
         "Count instances (non-crowd annotations) and distinct images per category of an annotation file."
-        if validate: validate_annotations(data, path, allow=allow)
+        if validate: validate_annotations(data, path, allow=allow, segmentation=False)  # as the evaluator: counts need no masks
         ninst, imgs = Counter(), defaultdict(set)
         for a in data['annotations']:
             if a.get('iscrowd', 0): continue
