@@ -20,8 +20,8 @@ LAYERS = [
     ('checkpoint',),    # detector checkpoints and run metadata
     ('detector',),      # the detector contract (and the training flip)
     ('inference',),     # distributed inference into result records
-    ('train', 'calibration'),
-    ('testing',),       # `simcal test`: inference + calibration + evaluation
+    ('train', 'calibration', 'oracle'),
+    ('testing', 'convert'),   # `simcal test` (inference + calibration + evaluation); release checkpoints -> ours
     ('repro',),
     ('cli',),           # the command registry, on top
 ]
