@@ -16,6 +16,9 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, paste_masks_in_image
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 from torchvision.ops import boxes as box_ops, misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -23,9 +26,13 @@ import torch.nn.functional as F
 from .core import InputError
 
 # %% auto #0
-__all__ = ['NORMS', 'MODEL_FIELDS', 'PRESETS', 'AgnosticBoxPredictor', 'ClasswiseBoxPredictor', 'init_box_predictor',
-           'AgnosticMaskPredictor', 'SimCalRoIHeads', 'rcnn_box_losses', 'norm_layer_for', 'build_backbone',
-           'build_mask_rcnn', 'load_backbone_weights', 'DetectorPreset', 'build_detector']
+__all__ = ['MMDET_V1_MAX_RATIO', 'NORMS', 'MODEL_FIELDS', 'PRESETS', 'AgnosticBoxPredictor', 'ClasswiseBoxPredictor',
+           'init_box_predictor', 'AgnosticMaskPredictor', 'mask_probabilities', 'mask_loss', 'Float32BoxCoder',
+           'Float32AnchorGenerator', 'MaxIoUMatcher', 'SimCalRoIHeads', 'rcnn_box_losses', 'anchor_inside_flags',
+           'SimCalRPN', 'legacy_to_frame', 'frame_to_legacy', 'legacy_base_anchors', 'LegacyAnchorGenerator',
+           'LegacyBoxCoder', 'legacy_resize_scale', 'LegacyTransform', 'use_legacy_numerics', 'NormEvalBatchNorm2d',
+           'norm_layer_for', 'build_backbone', 'build_mask_rcnn', 'load_backbone_weights', 'DetectorPreset',
+           'build_detector']
 
 # %% ../nbs/04_model.ipynb #cb57b87c
 class AgnosticBoxPredictor(nn.Module):
@@ -62,25 +69,82 @@ def init_box_predictor(predictor):
     return predictor
 
 class AgnosticMaskPredictor(MaskRCNNPredictor):
-    "Mask predictor with one (class-agnostic) mask channel, expanded to `num_classes` channels."
+    "Mask predictor with one (class-agnostic) mask channel; `SimCalRoIHeads` uses it for every class."
     def __init__(self, in_channels:int, dim_reduced:int, num_classes:int):
         super().__init__(in_channels, dim_reduced, 1)
-        self.num_classes = num_classes
+        self.num_classes = num_classes   # the label space it serves (its output has 1 channel)
 
-    def forward(self, x):
-        return super().forward(x).expand(-1, self.num_classes, -1, -1)
+def mask_probabilities(mask_logits:torch.Tensor, # (N, 1 or C, M, M) mask logits of the detections
+                       labels:list, # the detections' labels, one tensor per image
+                      ) -> list:
+    "Per-image (n, 1, M, M) float32 mask probabilities: the label's channel (channel 0 if class-agnostic), then sigmoid."
+    if mask_logits.shape[1] == 1: picked = mask_logits
+    else: picked = mask_logits[torch.arange(mask_logits.shape[0], device=mask_logits.device), torch.cat(labels)][:, None]
+    return list(picked.float().sigmoid().split([len(l) for l in labels], dim=0))
+
+def mask_loss(mask_logits, proposals, gt_masks, gt_labels, matched_idxs):
+    "torchvision's `maskrcnn_loss`; 1-channel (class-agnostic) logits use channel 0 for every class (mmdet v1 `FCNMaskHead.loss`)."
+    if mask_logits.shape[1] == 1: gt_labels = [torch.zeros_like(l) for l in gt_labels]
+    return maskrcnn_loss(mask_logits, proposals, gt_masks, gt_labels, matched_idxs)
+
+class Float32BoxCoder(det_utils.BoxCoder):
+    "torchvision's `BoxCoder` that always encodes and decodes in float32, also when autocast hands it FP16/BF16 deltas."
+    def encode(self, reference_boxes, proposals):
+        with _no_autocast(proposals[0].device if len(proposals) else 'cpu'):
+            return super().encode([b.float() for b in reference_boxes], [p.float() for p in proposals])
+
+    def decode(self, rel_codes, boxes):
+        with _no_autocast(rel_codes.device):
+            return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
+class Float32AnchorGenerator(AnchorGenerator):
+    "torchvision's `AnchorGenerator` with float32 anchors whatever the dtype of the feature maps (autocast)."
+    def forward(self, image_list, feature_maps):
+        shapes = [torch.empty((), dtype=torch.float32, device=f.device).expand(f.shape) for f in feature_maps]
+        return super().forward(image_list, shapes)
+
+def _no_autocast(device):
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 # %% ../nbs/04_model.ipynb #f0bc6e04
+class MaxIoUMatcher(det_utils.Matcher):
+    "mmdetection v1's `MaxIoUAssigner` as a torchvision `Matcher`: IoU thresholds, then each ground truth's best boxes re-labelled to it."
+    def __init__(self, high_threshold:float, # positives: best IoU >= this
+                 low_threshold:float, # negatives: best IoU < this (in between: ignored)
+                 min_pos_iou:float, # a ground truth whose best IoU is below this takes no low-quality match
+                 gt_max_assign_all:bool=True, # every box tied at a ground truth's best IoU (mmdet v1), or only the first
+                ):
+        super().__init__(high_threshold, low_threshold, allow_low_quality_matches=False)
+        self.min_pos_iou, self.gt_max_assign_all = float(min_pos_iou), bool(gt_max_assign_all)
+
+    def __call__(self, match_quality_matrix):
+        matches = super().__call__(match_quality_matrix)
+        q = match_quality_matrix
+        gt_best = q.max(dim=1).values                                       # (G,)
+        ok = (gt_best >= self.min_pos_iou)[:, None]
+        if self.gt_max_assign_all: best = (q == gt_best[:, None]) & ok
+        else: best = torch.zeros_like(q, dtype=torch.bool).scatter_(1, q.argmax(dim=1, keepdim=True), True) & ok
+        # mmdet loops over the ground truths in order, so a box that is the best of several goes to the last of them
+        last = q.shape[0] - 1 - best.flip(0).to(torch.uint8).argmax(dim=0)
+        has = best.any(dim=0)
+        return torch.where(has, last, matches)
+
 class SimCalRoIHeads(RoIHeads):
-    "torchvision `RoIHeads` with the release's negative IoU floor and a configurable R-CNN box-loss beta."
+    "torchvision `RoIHeads` with the release's negative IoU floor, R-CNN box-loss beta, float32 box coding and lean agnostic masks."
     def __init__(self, *args,
                  neg_iou_floor:float=0.0, # proposals with max IoU below this are ignored, not background
                  box_loss_beta:float=1/9, # SmoothL1 beta of the R-CNN box loss (mmdet v1: 1.0, torchvision: 1/9)
+                 min_pos_iou:float|None=None, # mmdet v1 low-quality matches (release: 0.5); None: torchvision's matcher
+                 gt_max_assign_all:bool=True, # with min_pos_iou: all boxes tied at a gt's best IoU (mmdet v1)
                  **kwargs):
         super().__init__(*args, **kwargs)
         if not 0.0 <= neg_iou_floor < self.proposal_matcher.low_threshold + 1e-12:
             raise ValueError(f"neg_iou_floor must be in [0, {self.proposal_matcher.low_threshold}], got {neg_iou_floor}")
         self.neg_iou_floor, self.box_loss_beta = float(neg_iou_floor), float(box_loss_beta)
+        if min_pos_iou is not None:
+            m = self.proposal_matcher
+            self.proposal_matcher = MaxIoUMatcher(m.high_threshold, m.low_threshold, min_pos_iou, gt_max_assign_all)
+        self.box_coder = Float32BoxCoder(self.box_coder.weights, self.box_coder.bbox_xform_clip)
 
     @classmethod
     def from_roi_heads(cls, heads:RoIHeads, **options):
@@ -111,22 +175,34 @@ class SimCalRoIHeads(RoIHeads):
         return matched_idxs, labels
 
     def forward(self, features, proposals, image_shapes, targets=None):
-        if not self.training or abs(self.box_loss_beta - 1 / 9) < 1e-12 or self.has_keypoint():
-            return super().forward(features, proposals, image_shapes, targets)
-        # training with mmdet v1's box-loss beta: torchvision's training branch with the loss made explicit
-        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        "torchvision's box and mask branches; losses and box decoding in float32; 1-channel agnostic masks stay 1 channel."
+        if self.has_keypoint(): return super().forward(features, proposals, image_shapes, targets)
+        if self.training:
+            if targets is None: raise ValueError("training needs targets")
+            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
-        losses = dict(zip(('loss_classifier', 'loss_box_reg'),
-                          rcnn_box_losses(class_logits, box_regression, labels, regression_targets, self.box_loss_beta)))
+        class_logits, box_regression = class_logits.float(), box_regression.float()   # no-ops without autocast
+        result, losses = [], {}
+        if self.training:
+            losses = dict(zip(('loss_classifier', 'loss_box_reg'),
+                              rcnn_box_losses(class_logits, box_regression, labels, regression_targets, self.box_loss_beta)))
+        else:
+            boxes, scores, labs = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+            result = [{'boxes': b, 'labels': l, 'scores': s} for b, s, l in zip(boxes, scores, labs)]
         if self.has_mask():
-            pos = [torch.where(l > 0)[0] for l in labels]
-            mask_props = [p[i] for p, i in zip(proposals, pos)]
-            pos_matched = [m[i] for m, i in zip(matched_idxs, pos)]
+            if self.training:
+                pos = [torch.where(l > 0)[0] for l in labels]
+                mask_props = [p[i] for p, i in zip(proposals, pos)]
+                pos_matched = [m[i] for m, i in zip(matched_idxs, pos)]
+            else: mask_props = [r['boxes'] for r in result]
             mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_props, image_shapes)))
-            losses['loss_mask'] = maskrcnn_loss(mask_logits, mask_props, [t['masks'] for t in targets],
+            if self.training:
+                losses['loss_mask'] = mask_loss(mask_logits, mask_props, [t['masks'] for t in targets],
                                                 [t['labels'] for t in targets], pos_matched)
-        return [], losses
+            else:
+                for r, m in zip(result, mask_probabilities(mask_logits, [r['labels'] for r in result])): r['masks'] = m
+        return result, losses
 
 def rcnn_box_losses(class_logits, box_regression, labels, regression_targets, beta:float=1.0):
     "torchvision's `fastrcnn_loss` with the SmoothL1 `beta` as an argument (CE, and box loss over all sampled RoIs)."
@@ -138,18 +214,178 @@ def rcnn_box_losses(class_logits, box_regression, labels, regression_targets, be
     box_loss = F.smooth_l1_loss(box_regression[pos, labels[pos]], regression_targets[pos], beta=beta, reduction='sum')
     return cls_loss, box_loss / max(labels.numel(), 1)
 
+# %% ../nbs/04_model.ipynb #0f63cc4c
+def anchor_inside_flags(anchors:torch.Tensor, # (A, 4) anchors, XYXY
+                        image_size:tuple, # (h, w) of the resized image before padding
+                        allowed_border:float=0, # how far an anchor may reach past the image edge
+                       ) -> torch.Tensor:
+    "Anchors inside the image up to `allowed_border` pixels (mmdet v1 `anchor_inside_flags`); the rest get no RPN target."
+    h, w = image_size
+    b = allowed_border
+    x1, y1, x2, y2 = anchors.unbind(1)
+    # continuous coordinates: an anchor ending on the edge is inside (mmdet v1's legacy x2 < w is x2 + 1 <= w)
+    return (x1 >= -b) & (y1 >= -b) & (x2 <= w + b) & (y2 <= h + b)
+
+class SimCalRPN(RegionProposalNetwork):
+    "torchvision's RPN with mmdet v1's targets: no target for anchors crossing the border or on padding, `MaxIoUMatcher`."
+    def __init__(self, *args,
+                 allowed_border:float|None=None, # release: 0; None: every anchor gets a target (torchvision)
+                 min_pos_iou:float|None=None, # release: 0.3 (mmdet v1 low-quality matches); None: torchvision's matcher
+                 gt_max_assign_all:bool=True, # with min_pos_iou: all anchors tied at a gt's best IoU (mmdet v1)
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.allowed_border = None if allowed_border is None else float(allowed_border)
+        if min_pos_iou is not None:
+            m = self.proposal_matcher
+            self.proposal_matcher = MaxIoUMatcher(m.high_threshold, m.low_threshold, min_pos_iou, gt_max_assign_all)
+        self.box_coder = Float32BoxCoder(self.box_coder.weights, self.box_coder.bbox_xform_clip)
+
+    @classmethod
+    def from_rpn(cls, rpn:RegionProposalNetwork, **options):
+        "A `SimCalRPN` with the modules and settings of torchvision `rpn`."
+        return cls(rpn.anchor_generator, rpn.head, rpn.proposal_matcher.high_threshold,
+                   rpn.proposal_matcher.low_threshold, rpn.fg_bg_sampler.batch_size_per_image,
+                   rpn.fg_bg_sampler.positive_fraction, dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n),
+                   rpn.nms_thresh, rpn.score_thresh, **options)
+
+    def assign_targets_to_anchors(self, anchors, targets, image_sizes=None):
+        if self.allowed_border is None or image_sizes is None: return super().assign_targets_to_anchors(anchors, targets)
+        labels, matched_gt_boxes = [], []
+        for a, t, size in zip(anchors, targets, image_sizes):
+            inside = anchor_inside_flags(a, size, self.allowed_border)
+            lab = torch.full((len(a),), -1.0, device=a.device)
+            matched = torch.zeros_like(a, dtype=torch.float32)
+            gt = t['boxes']
+            if gt.numel() == 0: lab[inside] = 0.0
+            elif inside.any():   # assigned among the inside anchors only, as mmdet v1 does
+                m = self.proposal_matcher(self.box_similarity(gt, a[inside]))
+                li = (m >= 0).to(torch.float32)
+                li[m == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0.0
+                li[m == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1.0
+                lab[inside] = li
+                matched[inside] = gt[m.clamp(min=0)].to(torch.float32)
+            labels.append(lab); matched_gt_boxes.append(matched)
+        return labels, matched_gt_boxes
+
+    def forward(self, images, features, targets=None):
+        "torchvision's RPN forward, with the image sizes passed to target assignment and float32 losses."
+        features = list(features.values())
+        objectness, pred_bbox_deltas = self.head(features)
+        anchors = self.anchor_generator(images, features)
+        num_images = len(anchors)
+        num_anchors_per_level = [o[0].numel() for o in objectness]
+        objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
+        objectness, pred_bbox_deltas = objectness.float(), pred_bbox_deltas.float()   # no-ops without autocast
+        proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(num_images, -1, 4)
+        boxes, scores = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
+        losses = {}
+        if self.training:
+            if targets is None: raise ValueError("training needs targets")
+            labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets, images.image_sizes)
+            regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
+            loss_objectness, loss_rpn_box_reg = self.compute_loss(objectness, pred_bbox_deltas, labels, regression_targets)
+            losses = {'loss_objectness': loss_objectness, 'loss_rpn_box_reg': loss_rpn_box_reg}
+        return boxes, losses
+
+# %% ../nbs/04_model.ipynb #6becedca
+MMDET_V1_MAX_RATIO = abs(math.log(16 / 1000))   # mmdet v1 wh_ratio_clip: |dw|, |dh| <= log(1000/16)
+
+def legacy_to_frame(boxes:torch.Tensor) -> torch.Tensor:
+    "mmdet v1 '+1' boxes (x2, y2 the last pixel) in simcal's continuous frame: x2 + 1, y2 + 1."
+    return boxes + boxes.new_tensor([0, 0, 1, 1])
+
+def frame_to_legacy(boxes:torch.Tensor) -> torch.Tensor:
+    "The inverse of `legacy_to_frame`."
+    return boxes - boxes.new_tensor([0, 0, 1, 1])
+
+def legacy_base_anchors(stride:int, # the level's stride (mmdet v1 base_size)
+                        sizes:tuple, # anchor sizes of the level (scale x stride)
+                        ratios:tuple, # aspect ratios h / w
+                       ) -> torch.Tensor:
+    "mmdet v1's base anchors of one level (centre (s-1)/2, extents 0.5 (w-1), rounded), in the continuous frame."
+    s = float(stride)
+    ctr = 0.5 * (s - 1)
+    scales = torch.as_tensor(sizes, dtype=torch.float32) / s
+    h_ratios = torch.sqrt(torch.as_tensor(ratios, dtype=torch.float32))
+    w_ratios = 1 / h_ratios
+    ws = (s * w_ratios[:, None] * scales[None, :]).view(-1)
+    hs = (s * h_ratios[:, None] * scales[None, :]).view(-1)
+    base = torch.stack([ctr - 0.5 * (ws - 1), ctr - 0.5 * (hs - 1), ctr + 0.5 * (ws - 1), ctr + 0.5 * (hs - 1)], 1).round()
+    return legacy_to_frame(base)
+
+class LegacyAnchorGenerator(Float32AnchorGenerator):
+    "Float32 anchors with mmdet v1's base anchors (its grid shifts and ordering are torchvision's)."
+    def __init__(self, sizes, aspect_ratios, strides:tuple=(4, 8, 16, 32, 64)):
+        super().__init__(sizes, aspect_ratios)
+        if len(strides) != len(self.sizes): raise ValueError(f"need one stride per level, got {strides} for {len(self.sizes)} levels")
+        self.strides = tuple(int(s) for s in strides)
+        self.cell_anchors = [legacy_base_anchors(st, sz, ar) for st, sz, ar in zip(self.strides, self.sizes, self.aspect_ratios)]
+
+class LegacyBoxCoder(Float32BoxCoder):
+    "`Float32BoxCoder` with mmdet v1's two-sided clamp of dw, dh (torchvision clamps only from above)."
+    def decode(self, rel_codes, boxes):
+        rel = rel_codes.float().reshape(rel_codes.shape[0], -1, 4).clone()
+        ww, wh = self.weights[2], self.weights[3]
+        rel[..., 2].clamp_(min=-MMDET_V1_MAX_RATIO * ww, max=MMDET_V1_MAX_RATIO * ww)
+        rel[..., 3].clamp_(min=-MMDET_V1_MAX_RATIO * wh, max=MMDET_V1_MAX_RATIO * wh)
+        return super().decode(rel.reshape(rel_codes.shape), boxes)
+
+def legacy_resize_scale(image_size:tuple, min_size:int, max_size:int) -> float:
+    "mmcv `imrescale`'s factor for `img_scale=(max_size, min_size)`: the largest that fits both sides."
+    h, w = image_size
+    return min(max_size / max(h, w), min_size / min(h, w))
+
+class LegacyTransform(GeneralizedRCNNTransform):
+    "torchvision's transform with mmcv's resize: size `int(x * s + 0.5)`, boxes scaled by `s` (and divided back)."
+    def resize(self, image, target=None):
+        h, w = image.shape[-2:]
+        s = legacy_resize_scale((h, w), self.min_size[-1], self.max_size)
+        size = (int(h * s + 0.5), int(w * s + 0.5))
+        image = F.interpolate(image[None], size=size, mode='bilinear', align_corners=False)[0]
+        if target is None: return image, target
+        target = dict(target, boxes=target['boxes'] * s)
+        if 'masks' in target:
+            target['masks'] = F.interpolate(target['masks'][:, None].float(), size=size)[:, 0].byte()
+        return image, target
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.training: return result
+        for r, o in zip(result, original_image_sizes):
+            r['boxes'] = r['boxes'] / legacy_resize_scale(o, self.min_size[-1], self.max_size)
+            if 'masks' in r: r['masks'] = paste_masks_in_image(r['masks'], r['boxes'], o)
+        return result
+
+def use_legacy_numerics(model:MaskRCNN, strides:tuple=(4, 8, 16, 32, 64)) -> MaskRCNN:
+    "Switch a `build_mask_rcnn` model to mmdet v1's anchors, dw/dh clamp and resize rounding (weights unchanged)."
+    ag = model.rpn.anchor_generator
+    model.rpn.anchor_generator = LegacyAnchorGenerator(ag.sizes, ag.aspect_ratios, strides)
+    for m in (model.rpn, model.roi_heads): m.box_coder = LegacyBoxCoder(m.box_coder.weights, m.box_coder.bbox_xform_clip)
+    t = model.transform
+    model.transform = LegacyTransform(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible, t.fixed_size)
+    model.legacy_mmdet_v1 = True
+    return model
+
 # %% ../nbs/04_model.ipynb #84e43211
-NORMS = ('frozen_bn', 'bn', 'gn')
+NORMS = ('frozen_bn', 'bn_eval', 'bn', 'gn')
+
+class NormEvalBatchNorm2d(misc_nn_ops.FrozenBatchNorm2d):
+    "BatchNorm with frozen running statistics and trainable affine weight and bias (mmdet v1 `norm_eval=True`, `requires_grad=True`)."
+    def __init__(self, num_features:int, eps:float=1e-5):
+        super().__init__(num_features, eps)
+        w, b = self.weight, self.bias
+        del self.weight, self.bias            # buffers in FrozenBatchNorm2d; parameters here, same state-dict keys
+        self.weight, self.bias = nn.Parameter(w), nn.Parameter(b)
 
 def norm_layer_for(norm:str):
-    "The normalisation layer class of a backbone: 'frozen_bn' (ImageNet start), 'bn' or 'gn' (from scratch)."
+    "The backbone's normalisation: 'frozen_bn' (torchvision), 'bn_eval' (mmdet v1), 'bn' or 'gn' (from scratch)."
     if norm == 'frozen_bn': return misc_nn_ops.FrozenBatchNorm2d
+    if norm == 'bn_eval': return NormEvalBatchNorm2d
     if norm == 'bn': return nn.BatchNorm2d
     if norm == 'gn': return lambda c: nn.GroupNorm(math.gcd(32, c), c)
     raise ValueError(f"unknown norm {norm!r}; use one of {NORMS}")
 
 def build_backbone(backbone:str='resnet50', # a torchvision ResNet: resnet18/34/50/101/152, resnext...
-                   norm:str='frozen_bn', # 'frozen_bn' (with ImageNet weights), 'bn' or 'gn' (from scratch)
+                   norm:str='bn_eval', # 'bn_eval' (mmdet v1) or 'frozen_bn' with ImageNet weights; 'bn'/'gn' from scratch
                    trainable_layers:int=3, # 3 = stem and res2 frozen (frozen_stages=1); 5 = all trainable
                    fpn_channels:int=256, # FPN output channels
                   ) -> BackboneWithFPN:
@@ -169,7 +405,7 @@ def build_mask_rcnn(num_classes:int, # C + 1 (background is label 0); LVIS v0.5:
                     *,
                     backbone:str='resnet50', # torchvision ResNet name
                     class_agnostic:bool=True, # True: r50-ag (agnostic box deltas and mask); False: r50 (class-wise)
-                    norm:str='frozen_bn', # backbone norm: 'frozen_bn' with ImageNet weights, 'bn'/'gn' from scratch
+                    norm:str='bn_eval', # backbone norm: 'bn_eval' (mmdet v1) / 'frozen_bn' with ImageNet weights; 'bn'/'gn' from scratch
                     trainable_layers:int=3, # backbone stages trained (3: stem + res2 frozen, as frozen_stages=1)
                     fpn_channels:int=256, # FPN width (paper 256)
                     box_head_dim:int=1024, # width of the 2-fc box head (paper 1024)
@@ -183,20 +419,25 @@ def build_mask_rcnn(num_classes:int, # C + 1 (background is label 0); LVIS v0.5:
                     rpn_pre_nms_top_n_test:int=1000, rpn_post_nms_top_n_test:int=1000,
                     rpn_nms_thresh:float=0.7, # RPN NMS IoU
                     rpn_batch_size_per_image:int=256, # anchors sampled per image (50 % positive)
+                    rpn_allowed_border:float|None=0, # anchors reaching further past the image get no target (release 0; None: torchvision)
+                    rpn_min_pos_iou:float|None=0.3, # RPN low-quality matches as mmdet v1 (release 0.3; None: torchvision's)
                     box_batch_size_per_image:int=512, # RoIs sampled per image
                     box_positive_fraction:float=0.25, # at most this fraction of them positive
+                    box_min_pos_iou:float|None=0.5, # R-CNN low-quality matches as mmdet v1 (release 0.5; None: none, torchvision)
+                    gt_max_assign_all:bool=True, # low-quality matches take every box tied at a gt's best IoU (mmdet v1)
                     neg_iou_floor:float=0.1, # R-CNN negatives need max IoU >= this (release: 0.1; torchvision: 0.0)
                     box_loss_beta:float=1.0, # SmoothL1 beta of the R-CNN box loss (mmdet v1: 1.0)
                     box_score_thresh:float=0.0, # test-time score threshold (LVIS: 0.0; COCO-LT: 0.05)
                     box_nms_thresh:float=0.5, # test-time per-class NMS IoU
                     box_detections_per_img:int=300, # detections kept per image (LVIS: 300; COCO: 100)
+                    legacy_mmdet_v1:bool=False, # mmdet v1 anchors, dw/dh clamp and resize rounding (converted checkpoints)
                    ) -> MaskRCNN:
     "SimCal's base detector: torchvision Mask R-CNN on a ResNet-FPN, with SimCal's heads and settings."
     if num_classes < 2: raise ValueError(f"num_classes counts the background: need >= 2, got {num_classes}")
     body = build_backbone(backbone, norm, trainable_layers, fpn_channels)
     n_levels = 5
     if len(anchor_sizes) != n_levels: raise ValueError(f"anchor_sizes needs {n_levels} sizes (P2-P6), got {anchor_sizes}")
-    anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (tuple(anchor_ratios),) * n_levels)
+    anchors = Float32AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (tuple(anchor_ratios),) * n_levels)
     box_pred = init_box_predictor((AgnosticBoxPredictor if class_agnostic else ClasswiseBoxPredictor)(box_head_dim, num_classes))
     mask_pred = (AgnosticMaskPredictor if class_agnostic else MaskRCNNPredictor)(mask_head_channels, mask_head_channels, num_classes)
     model = MaskRCNN(body, num_classes=None, min_size=min_size, max_size=max_size, rpn_anchor_generator=anchors,
@@ -209,8 +450,12 @@ def build_mask_rcnn(num_classes:int, # C + 1 (background is label 0); LVIS v0.5:
                      box_positive_fraction=box_positive_fraction,
                      mask_head=MaskRCNNHeads(fpn_channels, (mask_head_channels,) * mask_head_convs, 1),
                      mask_predictor=mask_pred)
-    model.roi_heads = SimCalRoIHeads.from_roi_heads(model.roi_heads, neg_iou_floor=neg_iou_floor, box_loss_beta=box_loss_beta)
-    model.num_classes, model.class_agnostic = num_classes, class_agnostic
+    model.rpn = SimCalRPN.from_rpn(model.rpn, allowed_border=rpn_allowed_border, min_pos_iou=rpn_min_pos_iou,
+                                   gt_max_assign_all=gt_max_assign_all)
+    model.roi_heads = SimCalRoIHeads.from_roi_heads(model.roi_heads, neg_iou_floor=neg_iou_floor, box_loss_beta=box_loss_beta,
+                                                    min_pos_iou=box_min_pos_iou, gt_max_assign_all=gt_max_assign_all)
+    model.num_classes, model.class_agnostic, model.legacy_mmdet_v1 = num_classes, class_agnostic, False
+    if legacy_mmdet_v1: use_legacy_numerics(model)
     return model
 
 # %% ../nbs/04_model.ipynb #ad397580
@@ -247,9 +492,10 @@ def load_backbone_weights(model:MaskRCNN, # a model from `build_mask_rcnn`
 MODEL_FIELDS = ('backbone', 'class_agnostic', 'norm', 'trainable_layers', 'fpn_channels', 'box_head_dim',
                 'mask_head_convs', 'mask_head_channels', 'min_size', 'max_size', 'anchor_sizes', 'anchor_ratios',
                 'rpn_pre_nms_top_n_train', 'rpn_post_nms_top_n_train', 'rpn_pre_nms_top_n_test',
-                'rpn_post_nms_top_n_test', 'rpn_nms_thresh', 'rpn_batch_size_per_image', 'box_batch_size_per_image',
-                'box_positive_fraction', 'neg_iou_floor', 'box_loss_beta', 'box_score_thresh', 'box_nms_thresh',
-                'box_detections_per_img')
+                'rpn_post_nms_top_n_test', 'rpn_nms_thresh', 'rpn_batch_size_per_image', 'rpn_allowed_border',
+                'rpn_min_pos_iou', 'box_batch_size_per_image', 'box_positive_fraction', 'box_min_pos_iou',
+                'gt_max_assign_all', 'neg_iou_floor', 'box_loss_beta', 'box_score_thresh', 'box_nms_thresh',
+                'box_detections_per_img', 'legacy_mmdet_v1')
 
 @dataclass(frozen=True)
 class DetectorPreset:
@@ -259,7 +505,7 @@ class DetectorPreset:
     # model (keyword arguments of build_mask_rcnn)
     backbone: str = 'resnet50'
     class_agnostic: bool = True             # r50-ag (True) or r50 (False)
-    norm: str = 'frozen_bn'
+    norm: str = 'bn_eval'                   # mmdet v1: BN statistics frozen, affine weights of res3-res5 trained
     trainable_layers: int = 3               # frozen_stages = 1
     imagenet_backbone: bool = True          # the paper starts from ImageNet weights (load them with --backbone-weights)
     fpn_channels: int = 256
@@ -276,17 +522,22 @@ class DetectorPreset:
     rpn_post_nms_top_n_test: int = 1000
     rpn_nms_thresh: float = 0.7
     rpn_batch_size_per_image: int = 256
+    rpn_allowed_border: float | None = 0    # allowed_border=0: anchors crossing the image edge get no target
+    rpn_min_pos_iou: float | None = 0.3     # mmdet v1 low-quality RPN matches (None: torchvision's)
     box_batch_size_per_image: int = 512
     box_positive_fraction: float = 0.25
+    box_min_pos_iou: float | None = 0.5     # mmdet v1 low-quality R-CNN matches (None: none, as torchvision)
+    gt_max_assign_all: bool = True
     neg_iou_floor: float = 0.1
     box_loss_beta: float = 1.0
     box_score_thresh: float = 0.0
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 300
+    legacy_mmdet_v1: bool = False           # mmdet v1 numerics, for checkpoints converted from the release
     # schedule
     images_per_gpu: int = 2
     base_lr: float = 0.01                   # for a global batch of base_batch images; scaled linearly
-    base_batch: int = 8
+    base_batch: int = 16                    # the release: lr 0.01 unscaled on 8 GPUs x 2 images
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 500
@@ -358,16 +609,16 @@ PRESETS = {
     'lvis_r50_ag': DetectorPreset('lvis_r50_ag'),
     # LVIS v0.5, class-wise box and mask (configs *_lvis_clswise.py)
     'lvis_r50': DetectorPreset('lvis_r50', class_agnostic=False),
-    # COCO-LT, class-agnostic, lr 0.02 for 16 images, COCO test settings (spec §5, §9)
-    'coco_lt_r50_ag': DetectorPreset('coco_lt_r50_ag', num_classes=81, base_lr=0.02, base_batch=16,
-                                     box_score_thresh=0.05, box_detections_per_img=100),
-    # the embedded synthetic set on 2 CPU cores (iterations, from scratch)
+    # COCO-LT, class-agnostic, lr 0.01 for 16 images as LVIS (normal_training/*_coco_lt_agnostic.py), COCO test settings
+    'coco_lt_r50_ag': DetectorPreset('coco_lt_r50_ag', num_classes=81, box_score_thresh=0.05, box_detections_per_img=100),
+    # the embedded synthetic set on 2 CPU cores (iterations, from scratch; torchvision's anchor and RoI matching)
     'demo': DetectorPreset('demo', num_classes=None, backbone='resnet18', norm='bn', trainable_layers=5,
                            imagenet_backbone=False, fpn_channels=32, box_head_dim=256, mask_head_convs=2,
                            mask_head_channels=32, min_size=128, max_size=128, anchor_sizes=(16, 32, 64, 128, 256),
                            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150,
                            rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=300,
                            rpn_batch_size_per_image=128, box_batch_size_per_image=64,
+                           rpn_allowed_border=None, rpn_min_pos_iou=None, box_min_pos_iou=None,
                            images_per_gpu=2, base_lr=0.02, base_batch=4, warmup_iters=50,
                            epochs=None, iters=600, lr_steps=(400, 550)),
 }
