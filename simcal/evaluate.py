@@ -713,7 +713,9 @@ def evaluate_detections(gt, # ground truth: annotation JSON path, loaded dict or
     f, m = bins if bins is not None else (prot.bin_base, prot.bin_count)
     bin_edges(f, m)  # checks f, m
     max_dets = prot.max_dets if max_dets is None else int(max_dets)
-    if max_dets < 1 or (style == 'coco' and max_dets <= 10): raise ValueError(f"max_dets too small: {max_dets}")
+    if max_dets < 1 or (style == 'coco' and max_dets <= 10):
+        raise ValueError(f"--max-dets (max_dets) must be >= 1, and > 10 for the COCO protocol (its AR@10 needs more), "
+                         f"got {max_dets}")
     counts, source = train_instance_counts(stats, gt, allow)
     if style == 'lvis': gt.check_lvis_areas()
     is_file = isinstance(results, (str, os.PathLike))

@@ -240,6 +240,14 @@ def test_evaluate_bad_option_values(files, tmp_path, extra, option, msg):
     assert 'Traceback' not in err and not out.exists()
 
 
+def test_evaluate_option_out_of_the_protocols_range(files, tmp_path):
+    "A value only the chosen protocol refuses (COCO's AR@10 needs more than 10 detections): one line naming the option."
+    out = tmp_path / 'm.json'
+    code, err = run(['evaluate', files['paths']['gt'], files['paths']['bbox'], '--iou-type', 'bbox', '--protocol', 'coco',
+                     '--stats', files['paths']['stats'], '--max-dets', '10', '--out', out])
+    assert code == 2 and '--max-dets' in err and 'got 10' in err and err.count('\n') == 1 and not out.exists(), err
+
+
 @pytest.mark.parametrize('argv,option,msg', [
     (['data', 'stats', 'lvis_v0.5', '--bin-count', '0'], '--bin-count', 'must be an integer >= 1'),
     (['data', 'stats', 'lvis_v0.5', '--bin-base', '0'], '--bin-base', 'must be an integer >= 2'),
