@@ -11,6 +11,7 @@ from .comm import init_distributed, cleanup_distributed, is_main_process
 from .checkpoint import load_detector, check_classes, meta_train_stats, preset_protocol
 from .inference import run_inference, split_results
 from .calibration import attach_calibration
+from .oracle import add_oracle_arguments, run_oracle
 
 # %% auto #0
 __all__ = ['configure_test_parser', 'test_detector', 'run_test']
@@ -32,6 +33,7 @@ def configure_test_parser(parser:argparse.ArgumentParser) -> None:
     p.add_argument('--no-eval', action='store_true', help='only write results.json')
     p.add_argument('--cal-head', default=None, help='calibration head checkpoint (simcal calibrate); enables --mode')
     p.add_argument('--mode', default='dual', choices=['orig', 'cal', 'dual', 'avg'], help='how to combine the heads (with --cal-head)')
+    add_oracle_arguments(p)
     p.add_argument('--dual-threshold', type=float, default=None, help="classes with fewer training instances take the calibrated scores (default: the T stored with the calibration head)")
     p.add_argument('--batch-size', type=int, default=1, help='images per forward pass and process')
     p.add_argument('--num-workers', type=int, default=2, help='data-loading processes per rank')
@@ -43,9 +45,12 @@ def configure_test_parser(parser:argparse.ArgumentParser) -> None:
 
 def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, max_dets=None, protocol=None, stats=None,
                   iou_types=('bbox', 'segm'), evaluate=True, cal_head=None, mode='dual', dual_threshold=None,
-                  batch_size=1, num_workers=2, amp=False, device=None, progress=True, segm_with_bbox=False) -> dict:
+                  batch_size=1, num_workers=2, amp=False, device=None, progress=True, segm_with_bbox=False,
+                  oracle=None, oracle_score='one') -> dict:
     "The whole of `simcal test`: `{'results': path, 'results_segm': path, 'metrics': path or None, 'num_results': n}` (rank 0)."
     from simcal.data import load_detection_dataset, LabelMap, CategoryStats
+    if oracle is not None and cal_head is not None:
+        raise InputError('--oracle', 'an oracle replaces the classifier: it cannot be combined with --cal-head')
     info = init_distributed(device)
     model, meta = load_detector(checkpoint, device=info.device)
     label_map = LabelMap(meta['category_ids'], dict(zip(meta['category_ids'], meta.get('category_names') or [])) or None)
@@ -57,8 +62,12 @@ def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, ma
     if cal_head is not None:
         model = attach_calibration(model, cal_head, mode=mode, threshold=dual_threshold, instance_counts=counts,
                                    category_ids=meta['category_ids'])
-    results = run_inference(model, ds, score_thresh=score_thresh, max_dets=max_dets, batch_size=batch_size,
-                            num_workers=num_workers, device=info.device, amp=amp, progress=progress)
+    kw = dict(score_thresh=score_thresh, max_dets=max_dets, batch_size=batch_size, num_workers=num_workers,
+              device=info.device, amp=amp, progress=progress)
+    if oracle is not None:
+        results = run_oracle(oracle, model, ds, score=oracle_score, **kw)   # simcal.oracle (Props-GT)
+    else:
+        results = run_inference(model, ds, **kw)
     out = {'results': None, 'results_segm': None, 'metrics': None, 'num_results': len(results)}
     if info.is_main:
         out_dir = Path(out_dir)
@@ -72,7 +81,8 @@ def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, ma
             else:
                 metrics = {'checkpoint': str(checkpoint), 'ann': str(ann), 'protocol': protocol,
                            'score_thresh': score_thresh, 'max_dets': max_dets,
-                           'calibration': {'cal_head': str(cal_head), 'mode': mode, 'dual_threshold': dual_threshold} if cal_head else None}
+                           'calibration': {'cal_head': str(cal_head), 'mode': mode, 'dual_threshold': dual_threshold} if cal_head else None,
+                           'oracle': {'oracle': oracle, 'score': oracle_score} if oracle else None}
                 metrics['segm_with_bbox'] = bool(segm_with_bbox)
                 for t in iou_types:
                     src = out['results_segm'] if t == 'segm' else out['results']
@@ -89,7 +99,7 @@ def run_test(args) -> int:
                             evaluate=not args.no_eval, cal_head=args.cal_head, mode=args.mode,
                             dual_threshold=args.dual_threshold, batch_size=args.batch_size, num_workers=args.num_workers,
                             amp=args.amp, device=args.device, progress=not args.no_progress,
-                            segm_with_bbox=args.segm_with_bbox)
+                            segm_with_bbox=args.segm_with_bbox, oracle=args.oracle, oracle_score=args.oracle_score)
         if is_main_process():
             print(f"{res['num_results']} detections -> {res['results']}" + (f"; metrics -> {res['metrics']}" if res['metrics'] else ''))
     finally:
