@@ -97,7 +97,8 @@ def atomic_write(path, # destination file
 
 def save_json(obj, path, indent=None):
     "Write `obj` as JSON to `path` atomically."
-    with atomic_write(path) as f: json.dump(obj, f, indent=indent)
+    text = json.dumps(obj, indent=indent)   # one C-encoder call: json.dump writes chunk by chunk, 2-3x slower
+    with atomic_write(path) as f: f.write(text)
     return Path(path)
 
 def load_json(path, what:str='JSON file'):
