@@ -10,11 +10,11 @@ from .core import save_json, load_json, InputError, atomic_write
 
 # %% auto #0
 __all__ = ['PAPER_COLUMNS', 'PAPER_LVIS', 'PAPER_COCO_LT', 'PAPER_T_SWEEP', 'PAPER_HEADS', 'PAPER_CAL_STEPS_AP', 'PAPER_BIN_BASE',
-           'PAPER_BIN_COUNT', 'STATUS_ENV', 'REPRO_NOTEBOOKS', 'metrics_row', 'comparison_table', 'save_table',
-           'show_figure', 'available_cpus', 'report_status', 'end_process_group', 'torchrun', 'device_kind', 'step_key',
-           'train_base', 'calibrate_head', 'test_model', 'repo_root', 'find_notebooks', 'run_notebook',
-           'relative_to_checkout', 'StatusPrinter', 'timing_table', 'configure_repro_parser', 'notebook_parameters',
-           'run_repro']
+           'PAPER_BIN_COUNT', 'STATUS_ENV', 'LVIS_RULES_TWIN', 'REPRO_NOTEBOOKS', 'metrics_row', 'comparison_table',
+           'save_table', 'show_figure', 'available_cpus', 'report_status', 'end_process_group', 'torchrun',
+           'device_kind', 'step_key', 'train_base', 'calibrate_head', 'test_model', 'repo_root', 'coco_rules_filter',
+           'coco_rules_from', 'find_notebooks', 'run_notebook', 'relative_to_checkout', 'StatusPrinter', 'timing_table',
+           'configure_repro_parser', 'notebook_parameters', 'run_repro']
 
 # %% ../nbs/91_repro.ipynb #a5ae1f19
 PAPER_COLUMNS = ['AP1', 'AP2', 'AP3', 'AP4', 'APr', 'APc', 'APf', 'AP']
@@ -321,6 +321,48 @@ def repo_root(start=None) -> Path:
     for p in [start, *start.parents]:
         if (p / 'settings.ini').is_file() and (p / 'nbs').is_dir(): return p
     return start
+
+# %% ../nbs/91_repro.ipynb #493681aa
+LVIS_RULES_TWIN = {'synth_coco': 'synth'}   # a COCO-rules protocol -> the LVIS-rules protocol with the same T and bins
+
+def coco_rules_filter(records:list, # detection records of one results file, each image's in the model's order
+                      score_thresh:float, # keep scores strictly above this (torchvision's rule)
+                      max_dets:int, # then at most this many per image, highest scores first
+                     ) -> list:
+    "The detections a pass with `score_thresh` and `max_dets` gives, from a pass with a lower threshold and larger cap."
+    by_image = {}
+    for r in records:
+        if r['score'] > score_thresh: by_image.setdefault(r['image_id'], []).append(r)
+    out = []
+    for recs in by_image.values():   # stable: equal scores keep the model's order
+        out += sorted(recs, key=lambda r: -r['score'])[:max_dets]
+    return out
+
+def coco_rules_from(source:dict, # metrics of an LVIS-rules `test_model` pass (with 'results')
+                    out, # folder for the filtered results and their metrics
+                    ann, stats, # evaluation annotations; training statistics for the bins
+                    protocol:str, # the COCO-rules protocol, e.g. 'synth_coco'
+                   ) -> dict:
+    "`test_model`'s output for `protocol`, made by filtering an LVIS-rules pass (see above) and evaluating it."
+    from simcal.core import PROTOCOLS
+    from simcal.evaluate import evaluate_detections
+    P, src = PROTOCOLS[protocol], Path(source['results']).parent
+    if source.get('protocol') != LVIS_RULES_TWIN.get(protocol):
+        raise ValueError(f"{src}: made under {source.get('protocol')!r}, not {LVIS_RULES_TWIN.get(protocol)!r}, "
+                         f"the LVIS-rules twin of {protocol!r}")
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    metrics = {k: source.get(k) for k in ('checkpoint', 'ann', 'calibration', 'segm_with_bbox')}
+    metrics.update(protocol=protocol, score_thresh=P.score_thresh, max_dets=P.max_dets, derived_from=str(src))
+    for iou, name in (('bbox', 'results.json'), ('segm', 'results_segm.json')):
+        f = src / name if (src / name).is_file() else src / 'results.json'
+        kept = coco_rules_filter(load_json(f), P.score_thresh, P.max_dets)
+        save_json(kept, out / name)
+        metrics[iou] = evaluate_detections(str(ann), kept, iou_type=iou, protocol=protocol, stats=stats,
+                                           results_name=str(out / name))
+    save_json(metrics, out / 'metrics.json', indent=1)
+    print(f"{out.name}: filtered from {src.name} to {protocol}'s rules: segm AP {100 * metrics['segm']['AP']:.1f}, "
+          f"bAP {100 * metrics['segm']['bAP']:.1f}")
+    return {**metrics, 'results': str(out / 'results.json')}
 
 # %% ../nbs/91_repro.ipynb #59ee3013
 REPRO_NOTEBOOKS = ['lvis_mrcnn.ipynb', 'coco_lt.ipynb', 'ablations.ipynb']
