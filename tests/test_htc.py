@@ -1,0 +1,189 @@
+"HTC (simcal.htc) and its detector adapter (simcal.htc_adapter): cascade mechanics, DCN, mask flow, semantic branch."
+import pytest, torch
+import torch.nn.functional as F
+from torchvision.ops import boxes as box_ops
+from simcal.core import InputError
+from simcal import htc as H
+
+TINY = dict(dcn_stages=(), fpn_channels=16, box_head_dim=64, mask_head_convs=1, mask_head_channels=16, min_size=64,
+            max_size=64, anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
+            rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=64,
+            box_batch_size_per_image=32, box_detections_per_img=20, semantic=False)
+
+def tiny(num_classes=4, **kw):
+    torch.manual_seed(0)
+    return H.build_htc('htc_demo', num_classes, **{**TINY, **kw})
+
+def target(h=64, w=64, sem_classes=None):
+    b = torch.tensor([[4., 4., 30., 28.], [24., 20., 60., 58.]])
+    m = torch.zeros(2, h, w, dtype=torch.uint8)
+    for i, (x0, y0, x1, y1) in enumerate(b.long().tolist()): m[i, y0:y1, x0:x1] = 1
+    t = {'boxes': b, 'labels': torch.tensor([1, 2]), 'masks': m}
+    if sem_classes:
+        s = torch.zeros(h, w, dtype=torch.long); s[h // 2:] = 1; s[:, :4] = 255; t['semantic'] = s
+    return t
+
+def images(n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, 64, 64, generator=g) for _ in range(n)]
+
+def test_presets_are_the_papers():
+    p = H.HTC_PRESETS['htc_x101_lvis']
+    assert (p.backbone, p.epochs, p.lr_steps, p.train_size_range, p.train_max_size) == ('resnext101_64x4d', 20, (16, 19), (400, 1400), 1600)
+    assert (p.min_size, p.max_size, p.box_score_thresh, p.box_detections_per_img) == (800, 1333, 0.0, 300)
+    assert p.stage_ious == (0.5, 0.6, 0.7) and p.stage_loss_weights == (1.0, 0.5, 0.25) and p.semantic_loss_weight == 0.2
+    assert p.box_coder_weights == ((10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15))
+    assert H.HTCPreset.from_dict(p.to_dict()) == p
+    m = tiny()
+    assert [s.box_coder.weights for s in m.roi_heads.stages] == list(p.box_coder_weights)
+    assert [s.proposal_matcher.high_threshold for s in m.roi_heads.stages] == [0.5, 0.6, 0.7]
+    assert [s.proposal_matcher.low_threshold for s in m.roi_heads.stages] == [0.5, 0.6, 0.7]
+
+def test_multiscale_transform_trains_in_range_tests_at_min_size():
+    t = H.MultiScaleTransform.from_transform(tiny().transform, (40, 50), 200)
+    t.train(); sizes = {min(t([torch.rand(3, 64, 96)])[0].image_sizes[0]) for _ in range(20)}
+    assert min(sizes) >= 40 and max(sizes) <= 50 and len(sizes) > 3
+    t.eval(); assert t([torch.rand(3, 64, 64)])[0].image_sizes[0] == (64, 64)   # test size: min_size, max_size
+
+def test_deformable_conv_with_zero_offsets_is_the_plain_conv():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=4, bias=False)
+    d = H.DeformConvV1.from_conv(conv)
+    x = torch.randn(2, 8, 11, 13)
+    assert torch.count_nonzero(d.conv_offset(x)) == 0
+    torch.testing.assert_close(d(x), conv(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(): d.conv_offset.bias.fill_(0.5)   # moved sampling points change the output
+    assert not torch.allclose(d(x), conv(x), atol=1e-3)
+    m = tiny(dcn_stages=('layer3', 'layer4'))
+    body = m.backbone.body
+    assert isinstance(body.layer3[0].conv2, H.DeformConvV1) and not isinstance(body.layer2[0].conv2, H.DeformConvV1)
+    with pytest.raises(ValueError, match='layer9'): H.make_deformable(body, ('layer9',))
+
+def test_cascade_stages_refine_and_assign_with_their_thresholds():
+    m = tiny(); rh = m.roi_heads
+    t = {'boxes': torch.tensor([[10., 10., 50., 50.]]), 'labels': torch.tensor([1])}
+    # proposals of IoU 0.9, 0.65, 0.55 and 0.2 with the ground truth
+    props = [torch.tensor([[10., 10., 48., 46.], [10., 10., 50., 36.], [10., 10., 50., 32.], [10., 10., 18., 50.]])]
+    iou = box_ops.box_iou(props[0], t['boxes'])[:, 0]
+    assert iou[0] > 0.7 and 0.6 < iou[1] < 0.7 and 0.5 < iou[2] < 0.6 and iou[3] < 0.5
+    pos = []
+    for st in rh.stages:
+        s = H.sample_stage(st, props, [t])
+        real = ~s['is_gt'][0]
+        pos.append(sorted(s['proposals'][0][real & (s['labels'][0] > 0)].tolist()))
+    assert [len(p) for p in pos] == [3, 2, 1]
+    # training: stage k+1 RoIs are stage k's refined boxes (GT removed), then GT added back
+    m.train(); torch.manual_seed(3)
+    with torch.no_grad():
+        for st in rh.stages: st.box_predictor.bbox_pred.bias.copy_(torch.tensor([0.1, -0.1, 0.05, 0.02]))
+    imgs, tg = images(1), [target()]
+    seen = {}
+    orig = rh.box_forward
+    def spy(k, x):
+        z, d = orig(k, x); seen[k] = d; return z, d
+    rh.box_forward = spy
+    m(imgs, tg)
+    shapes = [(64, 64)]
+    for k in range(2):
+        st = rh.stages[k]
+        s_rois = rh.last_stage_rois[k][0]
+        gt_rows = (s_rois[:, None] == tg[0]['boxes'][None]).all(-1).any(-1)
+        refined = H.refine_boxes(st, seen[k], [s_rois], shapes)[0]
+        nxt = rh.last_stage_rois[k + 1][0]
+        assert not torch.equal(refined, s_rois)
+        # every non-GT RoI of the next stage is one of the refined, non-GT boxes of this stage
+        cand = refined[~gt_rows]
+        nxt_real = nxt[~(nxt[:, None] == tg[0]['boxes'][None]).all(-1).any(-1)]
+        assert len(nxt_real) > 0 and all((cand == r).all(-1).any() for r in nxt_real)
+    # test path: stage k+1 RoIs are stage k's decoded boxes
+    m.eval()
+    with torch.no_grad():
+        il, _ = m.transform(imgs); feats = m.backbone(il.tensors); props, _ = m.rpn(il, feats)
+        o = rh.stage_outputs(feats, props, il.image_sizes)
+    for k in range(2):
+        torch.testing.assert_close(o['rois'][k + 1][0], H.refine_boxes(rh.stages[k], o['deltas'][k], o['rois'][k], il.image_sizes)[0])
+
+def test_stage_loss_weights_are_applied():
+    imgs, tg = images(1), [target()]
+    def losses(w):
+        m = tiny(stage_loss_weights=w); m.train(); torch.manual_seed(5)
+        return {k: float(v.detach()) for k, v in m(imgs, tg).items()}
+    a, b = losses((1.0, 0.5, 0.25)), losses((1.0, 1.0, 1.0))
+    for k in range(3):
+        for name in ('loss_classifier', 'loss_box_reg', 'loss_mask'):
+            assert a[f's{k}.{name}'] == pytest.approx((1.0, 0.5, 0.25)[k] * b[f's{k}.{name}'], rel=1e-5)
+    assert a['s1.loss_classifier'] > 0
+    with pytest.raises(ValueError, match='one entry per stage'): tiny(stage_loss_weights=(1.0, 0.5))
+
+def test_mask_information_flow_changes_later_stages_only():
+    m = tiny(); rh = m.roi_heads; m.eval()
+    with torch.no_grad():
+        il, _ = m.transform(images(1)); feats = m.backbone(il.tensors)
+        rois = [torch.tensor([[4., 4., 30., 28.], [20., 20., 60., 50.]])]
+        a = rh.mask_logits(feats, rois, il.image_sizes)
+        for p in rh.mask_heads[1].conv_res.parameters(): p.add_(0.3)
+        b = rh.mask_logits(feats, rois, il.image_sizes)
+        rh.mask_info_flow = False
+        c = rh.mask_logits(feats, rois, il.image_sizes)
+    assert rh.mask_heads[0].conv_res is None and rh.mask_heads[2].conv_res is not None
+    torch.testing.assert_close(a[0], b[0])
+    assert not torch.allclose(a[1], b[1]) and not torch.allclose(a[2], b[2])
+    assert not torch.allclose(c[1], b[1]) and torch.equal(c[0], b[0])
+
+def test_semantic_branch_loss_falls_and_missing_map_is_an_error():
+    torch.manual_seed(0)
+    head = H.FusedSemanticHead(8, 3, 1, 2, 8, num_classes=3, loss_weight=0.2)
+    feats = [torch.randn(2, 8, 16, 16), torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    tg = [{'semantic': (torch.arange(64)[None].expand(64, 64) // 22).long()} for _ in range(2)]
+    labels = H.semantic_labels(tg, [(64, 64)] * 2, (8, 8), head.stride)
+    assert labels.shape == (2, 8, 8) and set(labels.unique().tolist()) == {0, 1, 2}
+    opt = torch.optim.Adam(head.parameters(), 1e-2)
+    first = None
+    for _ in range(30):
+        logits, emb = head(feats); loss = head.loss(logits, labels)
+        first = first if first is not None else float(loss)
+        opt.zero_grad(); loss.backward(); opt.step()
+    assert emb.shape == (2, 8, 8, 8) and float(loss) < 0.5 * first
+    # padding and 255 are ignored
+    lab = H.semantic_labels([{'semantic': torch.full((32, 64), 255)}], [(32, 64)], (8, 8), 8)
+    assert (lab[0, :4] == 255).all() and (lab[0, 4:] == 255).all()
+    m = tiny(semantic=True, semantic_classes=3); m.train()
+    with pytest.raises(InputError, match="record 0: field 'semantic'"): m(images(1), [target()])
+    out = m(images(1), [target(sem_classes=3)])
+    assert out['loss_semantic_seg'] > 0
+
+def test_tiny_htc_trains_and_infers():
+    m = tiny(semantic=True, semantic_classes=3, dcn_stages=('layer4',))
+    imgs, tg = images(2), [target(sem_classes=3), target(sem_classes=3)]
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    m.train(); torch.manual_seed(0)
+    totals = []
+    for _ in range(6):
+        loss = sum(m(imgs, tg).values()); totals.append(float(loss))
+        opt.zero_grad(); loss.backward(); opt.step()
+    assert min(totals[-2:]) < totals[0]
+    m.eval()
+    with torch.no_grad(): out = m(imgs)
+    for o in out:
+        assert 0 < len(o['boxes']) <= 20 and o['masks'].shape[1:] == (1, 64, 64)
+        assert ((o['masks'] >= 0) & (o['masks'] <= 1)).all() and (o['labels'] > 0).all()
+
+def test_test_path_averages_logits_and_mask_sigmoids():
+    m = tiny(); rh = m.roi_heads; m.eval()
+    with torch.no_grad():
+        imgs = images(1)
+        out = m(imgs)[0]
+        il, _ = m.transform(imgs); feats = m.backbone(il.tensors); props, _ = m.rpn(il, feats)
+        o = rh.stage_outputs(feats, props, il.image_sizes)
+        p = F.softmax((o['logits'][0] + o['logits'][1] + o['logits'][2]) / 3, -1)
+        boxes = H.refine_boxes(rh.stages[2], o['deltas'][2], o['rois'][2], il.image_sizes)[0]
+        # the best detection is the best (box, class) pair of the averaged softmax
+        sc = p[:, 1:]; best = int(sc.argmax()); r, c = divmod(best, sc.shape[1])
+        assert float(out['scores'][0]) == pytest.approx(float(sc.max()), rel=1e-5) and int(out['labels'][0]) == c + 1
+        torch.testing.assert_close(out['boxes'][0], boxes[r])
+        # masks: mean over stages of each stage's sigmoid of the label's channel
+        det_boxes, labels = [boxes[r:r + 1]], [torch.tensor([c + 1])]
+        zs = rh.mask_logits(feats, det_boxes, il.image_sizes)
+        mean = sum(z[:, c + 1].sigmoid() for z in zs) / 3
+        res, _ = rh._forward_test(feats, props, il.image_sizes)
+        torch.testing.assert_close(res[0]['masks'][0, 0], mean[0])
