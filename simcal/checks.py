@@ -12,7 +12,7 @@ from .core import InputError
 
 # %% auto #0
 __all__ = ['ALLOW', 'RLE_PROBLEMS', 'parse_allow', 'allow_type', 'add_allow_argument', 'rle_string_sums', 'record_name',
-           'check_categories', 'check_ground_truth']
+           'check_top_level', 'check_categories', 'check_ground_truth']
 
 # %% ../nbs/00a_checks.ipynb #ebbf3d22
 ALLOW = {
@@ -195,7 +195,8 @@ class _Table:
         if bad.any():
             i = int(np.argmax(bad)); self.fail(i, f"unknown {what} id {int(values[i])} (not in '{where}')", key)
 
-def _check_top(data, path, keys=('images', 'annotations', 'categories')):
+def check_top_level(data, path, keys=('images', 'annotations', 'categories')):
+    "An LVIS/COCO JSON object with these top-level lists, or an `InputError` naming the key."
     if not isinstance(data, dict):
         raise InputError(path, f"expected a JSON object with keys {', '.join(map(repr, keys))} (LVIS/COCO format), "
                                f"got a JSON {type(data).__name__}")
@@ -334,7 +335,7 @@ def check_ground_truth(data:dict, # a loaded LVIS/COCO annotation file
     """The one validation of an LVIS/COCO annotation file, used by every reader (datasets, evaluator, `data stats`).
     Raises an `InputError` naming the file, the record (index and id) and the field of the first problem found."""
     allow = parse_allow(allow)
-    _check_top(data, path)
+    check_top_level(data, path)
     cat_ids = check_categories(data['categories'], path)
     img_ids, img_h, img_w = _check_images(data['images'], path, cat_ids)
     anns = data['annotations']

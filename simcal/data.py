@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from .core import (InputError, TABLES, bin_edges, bin_index, bin_label, load_json, save_json, table_path,
                          int_range, positive_int, writable_file)
-from .checks import add_allow_argument, check_categories, check_ground_truth, parse_allow, record_name
+from .checks import add_allow_argument, check_categories, check_ground_truth, check_top_level, parse_allow, record_name
 
 # %% auto #0
 __all__ = ['LabelMap', 'validate_annotations', 'is_lvis', 'CategoryStats', 'segmentation_to_mask', 'DetectionDataset',
@@ -43,7 +43,7 @@ class LabelMap:
     def from_file(cls, path): # an LVIS/COCO annotation JSON
         "The label map of an annotation file's categories."
         data = load_json(path, 'annotation file')
-        _check_top_level(data, path, keys=('categories',))
+        check_top_level(data, path, keys=('categories',))
         check_categories(data['categories'], path)
         return cls.from_categories(data['categories'])
 
@@ -82,14 +82,6 @@ _rec = record_name  # how messages name a record: `annotations[12] (id=345)`
 
 def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
 def _is_num(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-def _check_top_level(data, path, keys=('images', 'annotations', 'categories')):
-    if not isinstance(data, dict):
-        raise InputError(path, f"expected a JSON object with keys {', '.join(map(repr, keys))}, "
-                               f"got a JSON {type(data).__name__}")
-    for k in keys:
-        if k not in data: raise InputError(path, f"missing top-level key '{k}'", field=k)
-        if not isinstance(data[k], list): raise InputError(path, f"'{k}' must be a list", field=k)
 
 def validate_annotations(data:dict, # a loaded LVIS/COCO annotation file
                          path, # its path, for the messages
@@ -472,7 +464,7 @@ def load_detection_dataset(ann_file, # LVIS or COCO annotation JSON
                           ) -> DetectionDataset:
     "An `LVISDataset` or a `COCODataset`, whichever the file is (LVIS: categories with `frequency` or `neg_category_ids`)."
     data = load_json(ann_file, 'annotation file')
-    _check_top_level(data, ann_file)
+    check_top_level(data, ann_file)
     cls = LVISDataset if is_lvis(data) else COCODataset
     return cls(ann_file, image_root, train=train, data=data, **kwargs)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from .core import (PROTOCOLS, Protocol, InputError, atomic_write, bin_edges, bin_index, bin_label, load_json,
                          save_json, table_path, int_range, positive_int, writable_file)
-from .checks import ALLOW, RLE_PROBLEMS, add_allow_argument, check_ground_truth, parse_allow, rle_string_sums
+from .checks import ALLOW, RLE_PROBLEMS, add_allow_argument, check_ground_truth, check_top_level, parse_allow, rle_string_sums
 
 # %% auto #0
 __all__ = ['ENGINES', 'PROTOCOL_NAMES', 'IOU_TYPES', 'LVIS_KEYS', 'COCO_KEYS', 'STATS_TABLES', 'resolve_protocol',
@@ -77,10 +77,7 @@ class GroundTruth:
         self._views, self._images, self._categories = {}, None, None
 
     def _check_top(self, d):
-        if not isinstance(d, dict): raise InputError(self.name, "ground truth must be a JSON object (LVIS/COCO format)")
-        for k in ('images', 'annotations', 'categories'):
-            if k not in d: raise InputError(self.name, "missing field", field=k)
-            if not isinstance(d[k], list): raise InputError(self.name, "must be a list", field=k)
+        check_top_level(d, self.name)
         if not d['images']: raise InputError(self.name, "no images", field='images')
         if not d['categories']: raise InputError(self.name, "no categories", field='categories')
 
