@@ -186,6 +186,9 @@ class HTCRoIHeads(nn.Module):
                  stage_loss_weights:tuple=(1.0, 0.5, 0.25),
                  interleaved:bool=True, # mask stage s trained on stage s's refined boxes, re-sampled (HTC)
                  mask_info_flow:bool=True, # each mask head receives the previous stage's mask feature
+                 score_thresh:float=0.0, # test: detections need a class probability above this (LVIS 0.0)
+                 nms_thresh:float=0.5, # test: per-class NMS IoU
+                 detections_per_img:int=300, # test: detections kept per image (LVIS 300)
                 ):
         super().__init__()
         self.stages = nn.ModuleList(stages)
@@ -201,6 +204,7 @@ class HTCRoIHeads(nn.Module):
             self.semantic_roi_pool = MultiScaleRoIAlign(['semantic'], 14, 2)
         self.stage_loss_weights = tuple(float(w) for w in stage_loss_weights)
         self.interleaved, self.mask_info_flow = bool(interleaved), bool(mask_info_flow)
+        self.score_thresh, self.nms_thresh, self.detections_per_img = float(score_thresh), float(nms_thresh), int(detections_per_img)
         self.scorer = None   # (per-stage logits, per-stage RoI features) -> probabilities; None: softmax of the mean logits
 
     @property
@@ -295,7 +299,8 @@ class HTCRoIHeads(nn.Module):
         o = self.stage_outputs(features, proposals, image_shapes, semantic)
         probs = self.class_probabilities(o['logits'], o['features']).float()
         last = self.stages[-1]
-        boxes, scores, labels = postprocess_probabilities(last, probs, o['deltas'][-1], o['rois'][-1], image_shapes)
+        boxes, scores, labels = postprocess_probabilities(last, probs, o['deltas'][-1], o['rois'][-1], image_shapes,
+                                                          self.score_thresh, self.nms_thresh, self.detections_per_img)
         result = [{'boxes': b, 'labels': l, 'scores': s} for b, s, l in zip(boxes, scores, labels)]
         if self.has_mask():
             if sum(len(b) for b in boxes) == 0:
@@ -306,8 +311,9 @@ class HTCRoIHeads(nn.Module):
         return result, {}
 
 def postprocess_probabilities(stage:SimCalRoIHeads, probs:torch.Tensor, box_regression:torch.Tensor, rois:list,
-                              image_shapes:list) -> tuple[list, list, list]:
-    "torchvision's `postprocess_detections` on given class probabilities and class-agnostic deltas of `stage`."
+                              image_shapes:list, score_thresh:float=0.0, nms_thresh:float=0.5,
+                              detections_per_img:int=300) -> tuple[list, list, list]:
+    "torchvision's `postprocess_detections` on given class probabilities (N, C+1) and class-agnostic deltas of `stage`."
     n = probs.shape[-1]
     boxes_all = refine_boxes(stage, box_regression, rois, image_shapes)
     out = ([], [], [])
@@ -315,11 +321,11 @@ def postprocess_probabilities(stage:SimCalRoIHeads, probs:torch.Tensor, box_regr
         labels = torch.arange(n, device=probs.device).view(1, -1).expand_as(scores)[:, 1:].reshape(-1)
         boxes = boxes[:, None].expand(-1, n - 1, 4).reshape(-1, 4)
         scores = scores[:, 1:].reshape(-1)
-        keep = torch.where(scores > stage.score_thresh)[0]
+        keep = torch.where(scores > score_thresh)[0]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = box_ops.batched_nms(boxes, scores, labels, stage.nms_thresh)[:stage.detections_per_img]
+        keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
         for lst, v in zip(out, (boxes[keep], scores[keep], labels[keep])): lst.append(v)
     return out
 
@@ -401,7 +407,8 @@ def build_htc_model(num_classes:int, # C + 1 (background is label 0); LVIS v0.5:
     if semantic:
         sem = FusedSemanticHead(c, len(base.backbone.fpn.layer_blocks) + 1, 1, semantic_convs, semantic_channels or c,
                                 semantic_classes, semantic_ignore_label, semantic_loss_weight)
-    heads = HTCRoIHeads(stages, mask_roi_pool, mask_heads, sem, stage_loss_weights, interleaved, mask_info_flow)
+    heads = HTCRoIHeads(stages, mask_roi_pool, mask_heads, sem, stage_loss_weights, interleaved, mask_info_flow,
+                        rh.score_thresh, rh.nms_thresh, rh.detections_per_img)
     transform = base.transform
     if train_size_range is not None: transform = MultiScaleTransform.from_transform(transform, train_size_range, train_max_size)
     model = HybridTaskCascade(base.backbone, base.rpn, heads, transform)

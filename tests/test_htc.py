@@ -141,7 +141,7 @@ def test_semantic_branch_loss_falls_and_missing_map_is_an_error():
     first = None
     for _ in range(30):
         logits, emb = head(feats); loss = head.loss(logits, labels)
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         opt.zero_grad(); loss.backward(); opt.step()
     assert emb.shape == (2, 8, 8, 8) and float(loss) < 0.5 * first
     # padding and 255 are ignored
@@ -187,3 +187,117 @@ def test_test_path_averages_logits_and_mask_sigmoids():
         mean = sum(z[:, c + 1].sigmoid() for z in zs) / 3
         res, _ = rh._forward_test(feats, props, il.image_sizes)
         torch.testing.assert_close(res[0]['masks'][0, 0], mean[0])
+
+# ---- the detector contract (simcal.htc_adapter)
+from simcal.detector import as_detector, MaskRCNNAdapter
+from simcal.htc_adapter import HTCAdapter
+
+def test_inference_caps_follow_the_heads_settings():
+    m = tiny(); m.eval(); m.roi_heads.detections_per_img = 3
+    with torch.no_grad(): out = m(images(1))[0]
+    assert len(out['boxes']) == 3
+    m.roi_heads.score_thresh = 1.0
+    with torch.no_grad(): assert len(m(images(1))[0]['boxes']) == 0
+
+def test_adapter_paths_are_the_models_own():
+    m = tiny(); m.eval(); det = as_detector(m)
+    assert isinstance(det, HTCAdapter) and det.num_stages == 3 and det.num_classes() == 4 and det.feature_shape() == (16, 7, 7)
+    from simcal.model import build_mask_rcnn
+    assert isinstance(as_detector(build_mask_rcnn(3, backbone='resnet18', fpn_channels=8, box_head_dim=16, mask_head_channels=8)), MaskRCNNAdapter)
+    s = det.sample_training_rois(images(2), [target(), target()], [False, True], [11, 12], rois_per_image=16, positive_fraction=0.5)
+    assert len(s['stages']) == 3
+    rh = m.roi_heads
+    for k in range(3):
+        rois = s['stages'][k]['rois']
+        assert all(len(r) <= 16 for r in rois) and all((l > 0).sum() <= 8 for l in s['stages'][k]['labels'])
+        x = det.roi_features(s, rois, k)
+        with torch.no_grad(): direct = rh.box_forward(k, x)[0]
+        torch.testing.assert_close(det.original_logits(x, k), direct)
+        fcs, cls = det.classification_path(k)
+        assert fcs[0] is rh.stages[k].box_head.fc6 and cls is rh.stages[k].box_predictor.cls_score
+        torch.testing.assert_close(cls(F.relu(fcs[1](F.relu(fcs[0](x.flatten(1)))))), direct)   # what 3fc_ft copies
+    # the sampling settings were restored and are reproducible from the seeds
+    assert rh.stages[0].fg_bg_sampler.batch_size_per_image == 32
+    s2 = det.sample_training_rois(images(2), [target(), target()], [False, True], [11, 12], rois_per_image=16, positive_fraction=0.5)
+    assert all(torch.equal(a, b) for k in range(3) for a, b in zip(s['stages'][k]['rois'], s2['stages'][k]['rois']))
+    with pytest.raises(ValueError, match='stage 3 of a 3-stage'): det.original_logits(x, 3)
+
+def test_adapter_stage_rois_come_from_the_previous_stages_refined_boxes():
+    m = tiny(); m.eval(); det = HTCAdapter(m)
+    with torch.no_grad():
+        for st in m.roi_heads.stages: st.box_predictor.bbox_pred.bias.copy_(torch.tensor([0.2, -0.1, 0.1, 0.05]))
+    s = det.sample_training_rois(images(1), [target()], [False], [7], rois_per_image=24, positive_fraction=0.5)
+    gt = target()['boxes']
+    for k in range(2):
+        r0, r1 = s['stages'][k]['rois'][0], s['stages'][k + 1]['rois'][0]
+        is_gt0 = (r0[:, None] == gt[None]).all(-1).any(-1)
+        x = det.roi_features(s, [r0], k)
+        refined = H.refine_boxes(m.roi_heads.stages[k], m.roi_heads.box_forward(k, x)[1], [r0], [(64, 64)])[0][~is_gt0]
+        real1 = r1[~(r1[:, None] == gt[None]).all(-1).any(-1)]
+        assert len(real1) > 0 and all((refined == r).all(-1).any() for r in real1)
+    # stage thresholds: a stage's positives have IoU >= its threshold (or are a GT's best match)
+    for k, thr in enumerate((0.5, 0.6, 0.7)):
+        r, l = s['stages'][k]['rois'][0], s['stages'][k]['labels'][0]
+        assert (box_ops.box_iou(r[l > 0], gt).max(1).values >= thr - 1e-6).all()
+    with pytest.raises(ValueError, match='stage_proposals'): HTCAdapter(m, stage_proposals='x')
+
+class _Scorer(torch.nn.Module):
+    "Records what it receives; scores with the calibrated-only rule on given per-stage heads."
+    def __init__(self, heads):
+        super().__init__(); self.calibration_heads = torch.nn.ModuleList(heads); self.seen = None
+    def forward(self, logits, feats):
+        self.seen = (logits, feats)
+        return F.softmax(sum(h(f.flatten(1)) for h, f in zip(self.calibration_heads, feats)) / len(feats), -1)
+
+def test_scorer_gets_every_stage_and_averaged_dual_rule():
+    m = tiny(); m.eval(); det = as_detector(m)
+    torch.manual_seed(0)
+    heads = [torch.nn.Linear(16 * 49, 4) for _ in range(3)]
+    sc = _Scorer(heads)
+    with pytest.raises(ValueError, match='2 stage'): det.install_scorer(_Scorer(heads[:2]))
+    det.install_scorer(sc); assert det.scorer() is sc
+    imgs = images(1)
+    with torch.no_grad():
+        out = m(imgs)[0]
+        logits, feats = sc.seen
+        assert len(logits) == len(feats) == 3
+        for k in range(3): torch.testing.assert_close(logits[k], det.original_logits(feats[k], k))
+        # the dual rule on the averaged logits, computed directly: calibrated columns {3}, original elsewhere
+        cols = torch.tensor([False, False, False, True])
+        p_o = F.softmax(sum(logits) / 3, -1); p_c = F.softmax(sum(h(f.flatten(1)) for h, f in zip(heads, feats)) / 3, -1)
+        want = torch.where(cols, p_c, p_o)
+        sc.forward = lambda lg, ft: torch.where(cols, F.softmax(sum(h(f.flatten(1)) for h, f in zip(heads, ft)) / 3, -1),
+                                                F.softmax(sum(lg) / 3, -1))
+        out2 = m(imgs)[0]
+    top = want[:, 1:].max()
+    assert float(out2['scores'][0]) == pytest.approx(float(top), rel=1e-5)
+    det.remove_scorer(); assert det.scorer() is None
+    with torch.no_grad(): plain = m(imgs)[0]
+    assert float(plain['scores'][0]) == pytest.approx(float(p_o[:, 1:].max()), rel=1e-5)
+
+def test_per_stage_3fc_ft_and_the_dual_head_scorer():
+    from simcal.calibration import build_calibration_head, DualHeadScorer
+    m = tiny(); m.eval(); det = as_detector(m)
+    s = det.sample_training_rois(images(1), [target()], [False], [3], rois_per_image=16)
+    heads = []
+    for k in range(3):
+        h = build_calibration_head(det, '3fc_ft', stage=k); heads.append(h)
+        x = det.roi_features(s, s['stages'][k]['rois'], k)
+        with torch.no_grad(): torch.testing.assert_close(h(x), det.original_logits(x, k))   # starts as that stage's head
+    with torch.no_grad():
+        for h in heads: h.cls_score.bias.add_(torch.tensor([0.0, 0.0, 0.0, 2.0]))   # calibration moves class 3
+    counts = [0, 500, 500, 5]
+    with pytest.raises(ValueError, match='2 stage'): det.install_scorer(DualHeadScorer(heads[:2], counts, 'dual', 100))
+    det.install_scorer(DualHeadScorer(heads, counts, 'dual', 100))
+    imgs = images(1)
+    with torch.no_grad():
+        out = m(imgs)[0]
+        il, _ = m.transform(imgs); feats = m.backbone(il.tensors); props, _ = m.rpn(il, feats)
+        o = m.roi_heads.stage_outputs(feats, props, il.image_sizes)
+        p_o = F.softmax(sum(o['logits']) / 3, -1)
+        p_c = F.softmax(sum(h(f) for h, f in zip(heads, o['features'])) / 3, -1)
+        want = torch.cat([p_o[:, :3], p_c[:, 3:]], 1)   # class 3 (5 instances < T=100) calibrated, no renormalisation
+    assert float(out['scores'][0]) == pytest.approx(float(want[:, 1:].max()), rel=1e-5)
+    assert not torch.allclose(want, p_o)
+    det.remove_scorer()
+    with torch.no_grad(): assert float(m(imgs)[0]['scores'][0]) == pytest.approx(float(p_o[:, 1:].max()), rel=1e-5)
