@@ -54,6 +54,13 @@ def test_deformable_conv_with_zero_offsets_is_the_plain_conv():
     torch.testing.assert_close(d(x), conv(x), rtol=1e-5, atol=1e-5)
     with torch.no_grad(): d.conv_offset.bias.fill_(0.5)   # moved sampling points change the output
     assert not torch.allclose(d(x), conv(x), atol=1e-3)
+    # offset layout: (dy, dx) per kernel point; dy = 1 everywhere samples one row down = the plain conv of the shifted input
+    d1 = H.DeformConvV1.from_conv(torch.nn.Conv2d(8, 16, 3, padding=1, groups=4, bias=False))
+    with torch.no_grad(): d1.conv_offset.bias.copy_(torch.tensor([1.0, 0.0] * 9))
+    shifted = F.pad(x[:, :, 1:], (0, 0, 0, 1))
+    # (row 0 differs: its top taps read x's row 0 where the shifted input has zero padding)
+    torch.testing.assert_close(d1(x)[..., 1:, :], F.conv2d(shifted, d1.conv.weight, padding=1, groups=4)[..., 1:, :], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(d1(x)[..., 1:, :], d1.conv(x, torch.zeros_like(d1.conv_offset(x)))[..., 1:, :], atol=1e-3)
     m = tiny(dcn_stages=('layer3', 'layer4'))
     body = m.backbone.body
     assert isinstance(body.layer3[0].conv2, H.DeformConvV1) and not isinstance(body.layer2[0].conv2, H.DeformConvV1)
@@ -143,7 +150,7 @@ def test_semantic_branch_loss_falls_and_missing_map_is_an_error():
         logits, emb = head(feats); loss = head.loss(logits, labels)
         first = first if first is not None else float(loss.detach())
         opt.zero_grad(); loss.backward(); opt.step()
-    assert emb.shape == (2, 8, 8, 8) and float(loss) < 0.5 * first
+    assert emb.shape == (2, 8, 8, 8) and float(loss.detach()) < 0.5 * first
     # padding and 255 are ignored
     lab = H.semantic_labels([{'semantic': torch.full((32, 64), 255)}], [(32, 64)], (8, 8), 8)
     assert (lab[0, :4] == 255).all() and (lab[0, 4:] == 255).all()
@@ -301,3 +308,22 @@ def test_per_stage_3fc_ft_and_the_dual_head_scorer():
     assert not torch.allclose(want, p_o)
     det.remove_scorer()
     with torch.no_grad(): assert float(m(imgs)[0]['scores'][0]) == pytest.approx(float(p_o[:, 1:].max()), rel=1e-5)
+
+def test_the_papers_model_is_x101_64x4d_with_dcn_in_c3_c5():
+    m = H.build_htc('htc_x101_lvis', 1231)
+    body = m.backbone.body
+    dcn = [b.conv2 for n in ('layer2', 'layer3', 'layer4') for b in getattr(body, n)]
+    assert len(dcn) == 4 + 23 + 3 and all(isinstance(c, H.DeformConvV1) for c in dcn)
+    assert {(c.conv.groups, c.conv_offset.out_channels, c.conv.bias is None) for c in dcn} == {(64, 18, True)}
+    assert not any(isinstance(b.conv2, H.DeformConvV1) for b in body.layer1)
+    assert not any(p.requires_grad for p in body.layer1.parameters()) and all(p.requires_grad for p in dcn[0].parameters())
+    rh = m.roi_heads
+    assert rh.semantic_head.conv_logits.out_channels == 183 and rh.semantic_head.loss_weight == 0.2
+    assert rh.semantic_head.stride == 8 and rh.semantic_roi_pool.output_size == (14, 14)
+    assert [h.conv_res is not None for h in rh.mask_heads] == [False, True, True]
+    assert rh.mask_heads[0].predictor.mask_fcn_logits.out_channels == 1231   # class-specific masks
+    assert [s.box_head.fc6.out_features for s in rh.stages] == [1024] * 3
+    assert [s.box_predictor.bbox_pred.out_features for s in rh.stages] == [4] * 3   # class-agnostic regression
+    assert (rh.score_thresh, rh.nms_thresh, rh.detections_per_img) == (0.0, 0.5, 300)
+    assert (m.transform.min_size, m.transform.max_size, m.transform.train_max_size) == ((800,), 1333, 1600)
+    assert m.transform.train_min_sizes[0] == 400 and m.transform.train_min_sizes[-1] == 1400
