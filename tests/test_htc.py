@@ -166,7 +166,7 @@ def test_tiny_htc_trains_and_infers():
     m.train(); torch.manual_seed(0)
     totals = []
     for _ in range(6):
-        loss = sum(m(imgs, tg).values()); totals.append(float(loss))
+        loss = sum(m(imgs, tg).values()); totals.append(float(loss.detach()))
         opt.zero_grad(); loss.backward(); opt.step()
     assert min(totals[-2:]) < totals[0]
     m.eval()
@@ -327,3 +327,15 @@ def test_the_papers_model_is_x101_64x4d_with_dcn_in_c3_c5():
     assert (rh.score_thresh, rh.nms_thresh, rh.detections_per_img) == (0.0, 0.5, 300)
     assert (m.transform.min_size, m.transform.max_size, m.transform.train_max_size) == ((800,), 1333, 1600)
     assert m.transform.train_min_sizes[0] == 400 and m.transform.train_min_sizes[-1] == 1400
+
+def test_calibration_batches_have_one_part_per_stage():
+    from simcal.calibration import compose_calibration_batch
+    m = tiny(); m.eval()
+    b = compose_calibration_batch(m, images(2), [target(), target()], [0, 1], [1, 2], 2, seed=0, iteration=0, rois_per_image=32, flip_prob=0.0)
+    assert len(b['stages']) == 3
+    for k, st in enumerate(b['stages']):
+        assert st['features'].shape[1:] == (16, 7, 7) and st['num_fg'] > 0 and len(st['labels']) == len(st['features'])
+        assert set(st['labels'].tolist()) <= {0, 1, 2}
+        # the features are the stage's own RoI features of the composed RoIs
+        torch.testing.assert_close(st['features'], as_detector(m).roi_features(
+            as_detector(m).sample_training_rois(images(2), [target(), target()], [False, False], [0, 0]), st['rois'], k))
