@@ -25,7 +25,8 @@ __all__ = ['HEAD_KINDS', 'DUAL_MODES', 'CALIBRATION_FORMAT', 'CALIBRATION_FILE',
            'statistics_fingerprint', 'file_sha256', 'load_calibration', 'calibration_heads_from',
            'calibration_head_from', 'check_head_fits', 'attach_calibration', 'detach_calibration', 'set_dual_mode',
            'combine_dual_results', 'detections_to_records', 'calibration_lr_steps', 'calibration_lr',
-           'compose_calibration_batch', 'freeze_detector', 'calibrate', 'configure_calibrate_parser', 'run_calibrate']
+           'compose_calibration_batch', 'freeze_detector', 'head_kinds', 'head_dirs', 'calibrate',
+           'configure_calibrate_parser', 'run_calibrate']
 
 # %% ../nbs/07_calibration.ipynb #5a46eb30
 HEAD_KINDS = ('2fc_rand', '3fc_rand', '3fc_ft')
@@ -448,10 +449,42 @@ def _read_log(path) -> list:
     if not Path(path).is_file(): return []
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
+def head_kinds(head) -> list[str]:
+    "The head kinds of a `head` argument (one kind or several); `InputError` naming `--head` for unknown or repeated kinds."
+    kinds = [head] if isinstance(head, str) else list(head)
+    if not kinds: raise InputError('--head', 'no calibration head given')
+    bad = [k for k in kinds if k not in HEAD_KINDS]
+    if bad: raise InputError('--head', f"unknown head kind(s) {', '.join(map(repr, bad))}; known: {', '.join(HEAD_KINDS)}")
+    dup = sorted({k for k in kinds if kinds.count(k) > 1})
+    if dup: raise InputError('--head', f"head kind(s) given more than once: {', '.join(dup)}")
+    return kinds
+
+def head_dirs(out_dir, head) -> dict:
+    "Where each head's files go: `out_dir` itself for one head, `out_dir/<kind>` for each of several."
+    kinds, out_dir = head_kinds(head), Path(out_dir)
+    return {kinds[0]: out_dir} if len(kinds) == 1 else {k: out_dir / k for k in kinds}
+
+def _init_seed(seed:int, stage:int) -> int:
+    "Seed of the initialisation of a stage's head: a function of (seed, stage) only (the kind fixes the architecture)."
+    return derived_seed(seed, 3) if stage == 0 else derived_seed(seed, 3, stage)
+
+def _check_resume_layout(out_dir, kinds):
+    "`InputError` when `out_dir` holds checkpoints of another set of heads than `kinds` (all resume together)."
+    out_dir = Path(out_dir)
+    there = [k for k in HEAD_KINDS if (out_dir / k / CALIBRATION_FILE).is_file()]
+    if (out_dir / CALIBRATION_FILE).is_file():
+        if len(kinds) > 1:
+            kind = load_calibration(out_dir / CALIBRATION_FILE)['kind']
+            raise InputError(out_dir / CALIBRATION_FILE, f"cannot resume {len(kinds)} heads: this is a one-head run "
+                             f"({kind}); resume it with --head {kind}", field='head')
+    elif there and (len(kinds) == 1 or set(there) - set(kinds)):
+        raise InputError(out_dir, f"cannot resume --head {' '.join(kinds)}: the folder holds the checkpoints of the heads "
+                         f"{' '.join(there)}, which resume together (--head {' '.join(there)})", field='head')
+
 def calibrate(model, # trained detector (frozen here): a model or a `DetectorAdapter`
               dataset, # training set: `class_to_indices()`, `label_map`, `stats`, items (image, target)
-              out_dir, # checkpoint `calibration.pt` and log `calibration_log.jsonl` go here
-              head:str='3fc_ft', # '2fc_rand', '3fc_rand' or '3fc_ft'
+              out_dir, # checkpoint `calibration.pt` and log `calibration_log.jsonl` go here (`out_dir/<kind>/` for several heads)
+              head:str|Sequence='3fc_ft', # '2fc_rand', '3fc_rand' or '3fc_ft', or several of them (trained on the same batches)
               iters:int=12000, # calibration iterations
               lr:float=0.01, # SGD learning rate (no momentum, no weight decay)
               lr_steps:Sequence|None=None, # LR x gamma at these iterations; None = 7/12 and 10/12 of iters (the release)
@@ -466,18 +499,17 @@ def calibrate(model, # trained detector (frozen here): a model or a `DetectorAda
               hidden:int|None=None, # head width; None = the detector's representation size
               seed:int=0, # all randomness derives from it
               checkpoint_every:int=1000, # write the checkpoint every this many iterations (and at the end)
-              resume:bool=False, # continue from out_dir/calibration.pt if it exists
+              resume:bool=False, # continue from the heads' calibration.pt files if they exist
               detector_info:dict|None=None, # {'checkpoint': path, 'sha256': ...} of the detector, recorded
               dual_threshold:int|None=None, # T of the dataset's protocol, recorded for attach_calibration
               workers:int=0, # image loading processes
               log_every:int=1, # JSONL log line every this many iterations
               progress:bool=True, # tqdm bar (rank 0)
              ) -> dict:
-    "Train a calibration head on bi-level sampled proposals of the frozen `model`; returns the final checkpoint dict."
+    "Train calibration head(s) on bi-level sampled proposals of the frozen `model`; the final checkpoint dict ({kind: dict} for a list of heads)."
     from tqdm.auto import tqdm
     rank, world = get_rank(), get_world_size()
-    out_dir = Path(out_dir)
-    ckpt_path, log_path = out_dir / CALIBRATION_FILE, out_dir / LOG_FILE
+    kinds, dirs = head_kinds(head), head_dirs(out_dir, head)
     det = as_detector(model)
     freeze_detector(det)
     device = det.device
@@ -490,89 +522,120 @@ def calibrate(model, # trained detector (frozen here): a model or a `DetectorAda
     if len(counts) != det.num_classes():
         raise InputError(getattr(dataset, 'ann_file', '<dataset>'), f"the dataset has {len(counts) - 1} categories but "
                          f"the detector {det.num_classes() - 1}", field='categories')
-    config = dict(head=head, hidden=hidden, seed=seed, classes_per_iter=classes_per_iter, images_per_class=images_per_class,
-                  tau=tau, lr=lr, lr_steps=list(steps), lr_gamma=lr_gamma, rois_per_image=rois_per_image,
-                  positive_fraction=positive_fraction, neg_iou_floor=float(floor), flip_prob=flip_prob, iters=iters)
-    heads = []
-    for k in range(det.num_stages):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(seed, 3) if k == 0 else derived_seed(seed, 3, k))
-            heads.append(build_calibration_head(det, head, hidden, stage=k))
-    cal_head = heads[0]
-    config['hidden'] = cal_head.hidden
-    stage_heads = _StageHeads(heads).to(device).train()
-    optimizer = torch.optim.SGD(stage_heads.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    runs = {}   # kind -> its stage heads, optimizer, config, files: nothing shared between heads but the batches
+    for kind in kinds:
+        heads = []
+        for k in range(det.num_stages):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_init_seed(seed, k))
+                heads.append(build_calibration_head(det, kind, hidden, stage=k))
+        config = dict(head=kind, hidden=heads[0].hidden, seed=seed, classes_per_iter=classes_per_iter,
+                      images_per_class=images_per_class, tau=tau, lr=lr, lr_steps=list(steps), lr_gamma=lr_gamma,
+                      rois_per_image=rois_per_image, positive_fraction=positive_fraction, neg_iou_floor=float(floor),
+                      flip_prob=flip_prob, iters=iters)
+        stage_heads = _StageHeads(heads).to(device).train()
+        optimizer = torch.optim.SGD(stage_heads.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+        runs[kind] = dict(heads=heads, module=stage_heads, optimizer=optimizer, config=config,
+                          ckpt=dirs[kind] / CALIBRATION_FILE, log=dirs[kind] / LOG_FILE)
     start = 0
-    if resume and ckpt_path.is_file():
-        ck = load_calibration(ckpt_path)
-        old = ck.get('config', {})
-        diff = [k for k in _RESUME_KEYS if old.get(k) != config[k]]
-        if diff: raise InputError(ckpt_path, f"cannot resume with other settings: {', '.join(f'{k} {old.get(k)!r} -> {config[k]!r}' for k in diff)}", field='config')
-        if ck['category_ids'] != category_ids: raise InputError(ckpt_path, 'cannot resume on another dataset (category ids differ)', field='category_ids')
-        if detector_info and ck.get('detector', {}).get('sha256') not in (None, detector_info.get('sha256')):
-            raise InputError(ckpt_path, 'cannot resume with another detector checkpoint (SHA-256 differs)', field='detector')
-        check_head_fits(det, ck, ckpt_path)
-        for h, state in zip(heads, [ck['head']] + list(ck.get('stage_heads', []))): h.load_state_dict(state)
-        optimizer.load_state_dict(ck['optimizer'])
-        start = ck['iteration']
-        if 'rng' in ck and 'torch' in ck['rng']: torch.set_rng_state(ck['rng']['torch'])
-        if start >= iters: return ck
+    if resume: _check_resume_layout(out_dir, kinds)
+    found = [k for k in kinds if runs[k]['ckpt'].is_file()] if resume else []
+    if found:
+        if len(found) != len(kinds):   # all heads resume together, or none
+            missing = [k for k in kinds if k not in found]
+            raise InputError(runs[missing[0]]['ckpt'], f"cannot resume: checkpoints of {', '.join(found)} exist but not of "
+                             f"{', '.join(missing)} (resume the heads that ran together, or start in a new --out)", field='head')
+        iterations = {}
+        for kind in kinds:
+            r, path = runs[kind], runs[kind]['ckpt']
+            ck = load_calibration(path)
+            old, cfg = ck.get('config', {}), r['config']
+            diff = [k for k in _RESUME_KEYS if old.get(k) != cfg[k]]
+            if diff: raise InputError(path, f"cannot resume with other settings: {', '.join(f'{k} {old.get(k)!r} -> {cfg[k]!r}' for k in diff)}", field='config')
+            if ck['category_ids'] != category_ids: raise InputError(path, 'cannot resume on another dataset (category ids differ)', field='category_ids')
+            if detector_info and ck.get('detector', {}).get('sha256') not in (None, detector_info.get('sha256')):
+                raise InputError(path, 'cannot resume with another detector checkpoint (SHA-256 differs)', field='detector')
+            check_head_fits(det, ck, path)
+            for h, state in zip(r['heads'], [ck['head']] + list(ck.get('stage_heads', []))): h.load_state_dict(state)
+            r['optimizer'].load_state_dict(ck['optimizer'])
+            r['resumed'], iterations[kind] = ck, ck['iteration']
+        if len(set(iterations.values())) > 1:
+            raise InputError(runs[kinds[0]]['ckpt'].parent.parent if len(kinds) > 1 else runs[kinds[0]]['ckpt'],
+                             'cannot resume: the heads are out of step (checkpoint iterations '
+                             f"{', '.join(f'{k} {n}' for k, n in iterations.items())})", field='iteration')
+        start = iterations[kinds[0]]
+        ck0 = runs[kinds[0]]['resumed']
+        if 'rng' in ck0 and 'torch' in ck0['rng']: torch.set_rng_state(ck0['rng']['torch'])
+        if start >= iters: return ck0 if isinstance(head, str) else {k: runs[k]['resumed'] for k in kinds}
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in _read_log(log_path) if r.get('iter', 0) <= start]   # an exact resume rewrites the tail
-        with atomic_write(log_path) as f: f.writelines(json.dumps(r) + '\n' for r in kept)
-    trained = stage_heads
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        trained = DistributedDataParallel(stage_heads, device_ids=[device] if device.type == 'cuda' else None)
+        for r in runs.values():
+            r['log'].parent.mkdir(parents=True, exist_ok=True)
+            kept = [x for x in _read_log(r['log']) if x.get('iter', 0) <= start]   # an exact resume rewrites the tail
+            with atomic_write(r['log']) as f: f.writelines(json.dumps(x) + '\n' for x in kept)
+    for r in runs.values():   # one DDP wrapper per head: the same gradient buckets as a run of that head alone
+        r['trained'] = r['module']
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            r['trained'] = DistributedDataParallel(r['module'], device_ids=[device] if device.type == 'cuda' else None)
 
     def checkpoint(iteration):
-        ck = {'format': CALIBRATION_FORMAT, 'kind': cal_head.kind, 'num_classes': cal_head.num_classes,
-              'feature_shape': list(cal_head.feature_shape), 'hidden': cal_head.hidden,
-              'head': {k: v.detach().cpu() for k, v in cal_head.state_dict().items()},
-              'stage_heads': [{k: v.detach().cpu() for k, v in h.state_dict().items()} for h in heads[1:]],
-              'category_ids': category_ids, 'instance_counts': [int(n) for n in counts],
-              'category_fingerprint': category_fingerprint(category_ids),
-              'statistics_fingerprint': statistics_fingerprint(category_ids, counts),
-              'dual_threshold': dual_threshold, 'detector': dict(detector_info or {}), 'config': config,
-              'iteration': iteration, 'optimizer': optimizer.state_dict(),
-              'rng': {'seed': seed, 'torch': torch.get_rng_state()}, 'world_size': world}
-        if rank == 0: _save(ck, ckpt_path)
+        out = {}
+        for kind, r in runs.items():
+            cal_head, heads = r['heads'][0], r['heads']
+            out[kind] = ck = {'format': CALIBRATION_FORMAT, 'kind': cal_head.kind, 'num_classes': cal_head.num_classes,
+                  'feature_shape': list(cal_head.feature_shape), 'hidden': cal_head.hidden,
+                  'head': {k: v.detach().cpu() for k, v in cal_head.state_dict().items()},
+                  'stage_heads': [{k: v.detach().cpu() for k, v in h.state_dict().items()} for h in heads[1:]],
+                  'category_ids': category_ids, 'instance_counts': [int(n) for n in counts],
+                  'category_fingerprint': category_fingerprint(category_ids),
+                  'statistics_fingerprint': statistics_fingerprint(category_ids, counts),
+                  'dual_threshold': dual_threshold, 'detector': dict(detector_info or {}), 'config': r['config'],
+                  'iteration': iteration, 'optimizer': r['optimizer'].state_dict(),
+                  'rng': {'seed': seed, 'torch': torch.get_rng_state()}, 'world_size': world}
+            if rank == 0: _save(ck, r['ckpt'])
         barrier()
-        return ck
+        return out[kinds[0]] if isinstance(head, str) else out
 
     sampler = BiLevelSampler(dataset.class_to_indices(), classes_per_iter, images_per_class, seed, tau,
                              instance_counts=dict(enumerate(counts)) if tau else None)
     loader = torch.utils.data.DataLoader(_DrawnImages(dataset), batch_sampler=_rank_keys(sampler, start, iters, rank, world),
                                          num_workers=workers, collate_fn=_collate_drawn)
-    bar = tqdm(total=iters, initial=start, disable=not progress or rank != 0, desc=f'calibrate {head}', dynamic_ncols=True)
+    bar = tqdm(total=iters, initial=start, disable=not progress or rank != 0, desc=f"calibrate {'+'.join(kinds)}", dynamic_ncols=True)
     final, t_last = None, time.perf_counter()
     for it, (images, targets, positions, drawn) in zip(range(start, iters), loader):
         t0 = time.perf_counter()
         cur_lr = calibration_lr(it, lr, steps, lr_gamma)
-        for g in optimizer.param_groups: g['lr'] = cur_lr
+        # the batch (draws, flips, RoI sampling, features) is composed once and does not depend on the heads
         b = compose_calibration_batch(det, images, targets, positions, drawn, sampler.batch_size, seed, it,
                                       rois_per_image, positive_fraction, neg_iou_floor, flip_prob)
-        logits = trained([st['features'] for st in b['stages']])
-        # each stage: cross-entropy summed here, divided by the global count (x world: DDP averages the gradients);
-        # a process without a draw has empty features and adds 0, but still runs forward, backward and the all-reduce
-        ces = [F.cross_entropy(z, st['labels'], reduction='sum') for z, st in zip(logits, b['stages'])]
-        loss_t = sum(ce * world / max(st['num_fg'] + st['num_bg'], 1) for ce, st in zip(ces, b['stages']))
-        optimizer.zero_grad()
-        loss_t.backward()
-        optimizer.step()
+        t_batch = time.perf_counter() - t0
         n_total = b['num_fg'] + b['num_bg']
+        logging = (it + 1) % log_every == 0 or it + 1 == iters
+        losses = {}
+        for kind, r in runs.items():
+            th = time.perf_counter()
+            for g in r['optimizer'].param_groups: g['lr'] = cur_lr
+            logits = r['trained']([st['features'] for st in b['stages']])
+            # each stage: cross-entropy summed here, divided by the global count (x world: DDP averages the gradients);
+            # a process without a draw has empty features and adds 0, but still runs forward, backward and the all-reduce
+            ces = [F.cross_entropy(z, st['labels'], reduction='sum') for z, st in zip(logits, b['stages'])]
+            loss_t = sum(ce * world / max(st['num_fg'] + st['num_bg'], 1) for ce, st in zip(ces, b['stages']))
+            r['optimizer'].zero_grad()
+            loss_t.backward()
+            r['optimizer'].step()
+            r['head_s'] = time.perf_counter() - th
+            if logging:   # the one read-back of the loss, at logging time (every process joins the sum)
+                losses[kind] = float(all_reduce_sum(loss_t.detach().reshape(1) / world).cpu()[0])
         dt = time.perf_counter() - t_last; t_last = time.perf_counter()
         bar.update(1)
-        if (it + 1) % log_every == 0 or it + 1 == iters:
-            # the one read-back of the loss, at logging time (every process joins the sum)
-            loss = float(all_reduce_sum(loss_t.detach().reshape(1) / world).cpu()[0])
-            bar.set_postfix(loss=f'{loss:.3f}', fg=b['num_fg'], lr=f'{cur_lr:g}')
-        if rank == 0 and ((it + 1) % log_every == 0 or it + 1 == iters):
-            with open(log_path, 'a') as f:
-                f.write(json.dumps({'iter': it + 1, 'loss': loss, 'lr': cur_lr, 'fg': b['num_fg'], 'bg': b['num_bg'],
-                                    'images_per_s': sampler.batch_size / dt, 'rois_per_s': n_total / dt,
-                                    'step_s': time.perf_counter() - t0, 'time': time.time()}) + '\n')
+        if logging:
+            bar.set_postfix(loss=' '.join(f'{losses[k]:.3f}' for k in kinds), fg=b['num_fg'], lr=f'{cur_lr:g}')
+        if rank == 0 and logging:
+            for kind, r in runs.items():
+                with open(r['log'], 'a') as f:
+                    f.write(json.dumps({'iter': it + 1, 'loss': losses[kind], 'lr': cur_lr, 'fg': b['num_fg'], 'bg': b['num_bg'],
+                                        'images_per_s': sampler.batch_size / dt, 'rois_per_s': n_total / dt,
+                                        'step_s': t_batch + r['head_s'], 'time': time.time()}) + '\n')
         if (it + 1) % checkpoint_every == 0 or it + 1 == iters: final = checkpoint(it + 1)
     bar.close()
     return final
@@ -584,8 +647,10 @@ def configure_calibrate_parser(parser) -> None:
     p.add_argument('--detector', required=True, help='detector checkpoint written by simcal train (kept frozen)')
     p.add_argument('--train-ann', required=True, help='training annotations the detector was trained on (LVIS or COCO JSON)')
     p.add_argument('--image-root', required=True, help='folder the image paths of --train-ann are relative to')
-    p.add_argument('--out', required=True, help='work directory: calibration.pt and calibration_log.jsonl')
-    p.add_argument('--head', default='3fc_ft', choices=HEAD_KINDS, help='calibration head (the paper\'s best: 3fc_ft)')
+    p.add_argument('--out', required=True, help='work directory: calibration.pt and calibration_log.jsonl (with several heads: one sub-folder per head)')
+    p.add_argument('--head', nargs='+', default=['3fc_ft'], choices=HEAD_KINDS, metavar='HEAD',
+                   help=f"calibration head(s): {', '.join(HEAD_KINDS)} (the paper's best: 3fc_ft); several are trained on the "
+                   "same sampled batches in one run, each in --out/<head>/")
     p.add_argument('--iters', type=int, default=12000, help='calibration iterations (paper: about 12k)')
     p.add_argument('--lr', type=float, default=0.01, help='SGD learning rate (no momentum, no weight decay)')
     p.add_argument('--lr-steps', type=int, nargs='*', default=None, help='iterations where the LR drops by --lr-gamma '
@@ -604,7 +669,7 @@ def configure_calibrate_parser(parser) -> None:
                    "(default: the detector preset's)")
     p.add_argument('--seed', type=int, default=0, help='seed of the draws, flips, RoI sampling and head initialisation')
     p.add_argument('--checkpoint-every', type=int, default=1000, help='iterations between checkpoints')
-    p.add_argument('--resume', action='store_true', help='continue from --out/calibration.pt (exactly) if it exists')
+    p.add_argument('--resume', action='store_true', help='continue from the heads\' calibration.pt files (exactly) if they exist; all heads together')
     p.add_argument('--num-workers', type=int, default=0, help='image-loading processes per rank')
     p.add_argument('--log-every', type=int, default=1, help='iterations per line of calibration_log.jsonl')
     p.add_argument('--device', default=None, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (one process per node; default: this rank's GPU if any)")
@@ -623,7 +688,7 @@ def run_calibrate(args) -> int:
         detector_info = {'checkpoint': str(args.detector), 'sha256': file_sha256(args.detector), 'preset': meta.get('preset'),
                          'category_fingerprint': category_fingerprint(meta['category_ids'])}
         t0 = time.perf_counter()
-        ck = calibrate(detector, dataset, args.out, head=args.head, iters=args.iters, lr=args.lr, lr_steps=args.lr_steps,
+        cks = calibrate(detector, dataset, args.out, head=head_kinds(args.head), iters=args.iters, lr=args.lr, lr_steps=args.lr_steps,
                        lr_gamma=args.lr_gamma, classes_per_iter=args.classes_per_iter, images_per_class=args.images_per_class,
                        tau=args.tau, rois_per_image=args.rois_per_image, positive_fraction=args.positive_fraction,
                        neg_iou_floor=args.neg_iou_floor, flip_prob=args.hflip_prob, hidden=args.hidden, seed=args.seed,
@@ -631,8 +696,10 @@ def run_calibrate(args) -> int:
                        dual_threshold=PROTOCOLS[protocol].dual_threshold, workers=args.num_workers,
                        log_every=args.log_every, progress=not args.no_progress)
         if info.is_main:
-            print(f"calibrated a {ck['kind']} head for {ck['iteration']} iterations in {time.perf_counter() - t0:.0f} s "
-                  f"({info.world_size} process{'es' if info.world_size > 1 else ''}); head: {Path(args.out) / CALIBRATION_FILE}")
+            dirs = head_dirs(args.out, args.head)
+            for kind, ck in cks.items():
+                print(f"calibrated a {ck['kind']} head for {ck['iteration']} iterations in {time.perf_counter() - t0:.0f} s "
+                      f"({info.world_size} process{'es' if info.world_size > 1 else ''}); head: {dirs[kind] / CALIBRATION_FILE}")
     finally:
         cleanup_distributed()
     return 0

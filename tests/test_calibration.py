@@ -1,6 +1,7 @@
 """Checks of simcal.calibration on the demo detector structure at a tiny size and the embedded synthetic set:
 proposal-level sampling and batch composition, the 3fc_ft copy, dual-head inference (against the real predictor),
-the T sweep from two runs, 2-process calibration under torchrun (gloo) with exact resume, and bad input.
+the T sweep from two runs, 2-process calibration under torchrun (gloo) with exact resume, several heads trained
+on the same batches in one run (bitwise the heads of separate runs; exact resume; refused resumes), and bad input.
 
 Every detector here has random weights: the checks are about mechanics, not accuracy (see the repro notebooks).
 """
@@ -207,18 +208,26 @@ def test_torchrun_calibration_and_exact_resume(synth, detector_ckpt, train_set, 
     common = ['calibrate', '--detector', detector_ckpt, '--train-ann', synth[0], '--image-root', synth[1],
               '--head', '3fc_ft', '--lr', 0.05, '--lr-steps', 4, 5, '--rois-per-image', 64, '--seed', 3,
               '--no-progress', '--checkpoint-every', 2]
-    p = torchrun(common + ['--out', tmp_path / 'full', '--iters', 6])
-    assert 'for 6 iterations' in p.stdout and '2 processes' in p.stdout
+    # the uninterrupted run trains two heads on the same batches (one DDP wrapper each); the interrupted one, 3fc_ft
+    # alone: bitwise equal heads show both exact resume and that a head trained beside another is the head trained alone
+    head = common.index('--head') + 1
+    both = common[:head] + ['2fc_rand'] + common[head:]
+    p = torchrun(both + ['--out', tmp_path / 'full', '--iters', 6])
+    assert 'a 3fc_ft head for 6 iterations' in p.stdout and 'a 2fc_rand head' in p.stdout and '2 processes' in p.stdout
+    assert sorted(x.name for x in (tmp_path / 'full').iterdir()) == ['2fc_rand', '3fc_ft']
     torchrun(common + ['--out', tmp_path / 'part', '--iters', 3])
     torchrun(common + ['--out', tmp_path / 'part', '--iters', 6, '--resume'])
-    full, part = load_calibration(tmp_path / 'full' / CALIBRATION_FILE), load_calibration(tmp_path / 'part' / CALIBRATION_FILE)
+    full, part = load_calibration(tmp_path / 'full' / '3fc_ft' / CALIBRATION_FILE), load_calibration(tmp_path / 'part' / CALIBRATION_FILE)
+    assert load_calibration(tmp_path / 'full' / '2fc_rand' / CALIBRATION_FILE)['kind'] == '2fc_rand'
     assert full['iteration'] == part['iteration'] == 6 and full['world_size'] == 2
     for k in full['head']: assert torch.equal(full['head'][k], part['head'][k]), k
-    log = [json.loads(l) for l in (tmp_path / 'full' / LOG_FILE).read_text().splitlines()]
+    log = [json.loads(l) for l in (tmp_path / 'full' / '3fc_ft' / LOG_FILE).read_text().splitlines()]
+    part_log = [json.loads(l) for l in (tmp_path / 'part' / LOG_FILE).read_text().splitlines()]
+    assert [r['loss'] for r in log] == [r['loss'] for r in part_log]
     assert [r['iter'] for r in log] == list(range(1, 7))
     assert [r['lr'] for r in log] == pytest.approx([0.05] * 4 + [0.005, 0.0005])
     assert all(r['fg'] == r['bg'] > 0 for r in log)
-    assert [r['iter'] for r in map(json.loads, (tmp_path / 'part' / LOG_FILE).read_text().splitlines())] == list(range(1, 7))
+    assert [r['iter'] for r in part_log] == list(range(1, 7))
     # what it recorded about the detector and the data
     assert full['detector']['checkpoint'] == str(detector_ckpt) and len(full['detector']['sha256']) == 64
     assert full['category_ids'] == list(train_set.label_map.category_ids)
@@ -231,10 +240,94 @@ def test_torchrun_calibration_and_exact_resume(synth, detector_ckpt, train_set, 
     # the calibrated head plugs into `simcal test`
     out = tmp_path / 'test'
     args = ['test', '--checkpoint', detector_ckpt, '--ann', synth[2], '--image-root', synth[3], '--out', out,
-            '--cal-head', tmp_path / 'full' / CALIBRATION_FILE, '--mode', 'dual', '--no-eval', '--no-progress', '--num-workers', 0]
+            '--cal-head', tmp_path / 'full' / '3fc_ft' / CALIBRATION_FILE, '--mode', 'dual', '--no-eval', '--no-progress', '--num-workers', 0]
     assert cli_main([str(a) for a in args]) == 0
     res = json.loads((out / 'results.json').read_text())
     assert len(res) > 0 and set(r['category_id'] for r in res) <= set(full['category_ids'])
+
+
+MULTI = dict(iters=4, lr=0.05, lr_steps=[3], classes_per_iter=6, rois_per_image=32, seed=2, progress=False,
+             checkpoint_every=2, dual_threshold=T_SYNTH)
+KINDS = ['2fc_rand', '3fc_rand', '3fc_ft']
+
+
+def logged_losses(folder):
+    return [r['loss'] for r in map(json.loads, (Path(folder) / LOG_FILE).read_text().splitlines())]
+
+
+def test_several_heads_equal_separate_runs(detector, train_set, tmp_path):
+    # three heads on the same batches in one run == each head alone with the same seed: bitwise weights and losses
+    multi = calibrate(detector, train_set, tmp_path / 'multi', head=KINDS, **MULTI)
+    assert list(multi) == KINDS and sorted(x.name for x in (tmp_path / 'multi').iterdir()) == sorted(KINDS)
+    for kind in KINDS:
+        alone = calibrate(detector, train_set, tmp_path / kind, head=kind, **MULTI)
+        on_disk = load_calibration(tmp_path / 'multi' / kind / CALIBRATION_FILE)   # a normal single-head file
+        assert alone['kind'] == on_disk['kind'] == kind and on_disk['config'] == alone['config']
+        assert set(on_disk['head']) == set(alone['head'])
+        for k in alone['head']:
+            assert torch.equal(on_disk['head'][k], alone['head'][k]), (kind, k)
+            assert torch.equal(multi[kind]['head'][k], alone['head'][k]), (kind, k)
+        losses = logged_losses(tmp_path / 'multi' / kind)
+        assert len(losses) == 4 and losses == logged_losses(tmp_path / kind), kind
+        assert not (tmp_path / kind / kind).exists()   # one head: today's layout, files in the folder itself
+    # the heads trained: weights moved, and the kinds differ from each other
+    assert logged_losses(tmp_path / 'multi' / '2fc_rand') != logged_losses(tmp_path / 'multi' / '3fc_rand')
+    start = build_calibration_head(detector, '3fc_ft')
+    assert not torch.equal(multi['3fc_ft']['head']['cls_score.weight'], start.cls_score.weight.detach())
+    # a one-element list keeps the one-head layout and returns {kind: checkpoint}
+    one = calibrate(detector, train_set, tmp_path / 'list', head=['3fc_rand'], **{**MULTI, 'iters': 1})
+    assert list(one) == ['3fc_rand'] and (tmp_path / 'list' / CALIBRATION_FILE).is_file()
+
+
+def test_several_heads_resume_exactly(detector, train_set, tmp_path):
+    two = ['3fc_ft', '2fc_rand']
+    full = calibrate(detector, train_set, tmp_path / 'full', head=two, **{**MULTI, 'iters': 3})
+    part = calibrate(detector, train_set, tmp_path / 'int', head=two, **{**MULTI, 'iters': 1})
+    resumed = calibrate(detector, train_set, tmp_path / 'int', head=two, resume=True, **{**MULTI, 'iters': 3})
+    assert all(part[k]['iteration'] == 1 and resumed[k]['iteration'] == 3 for k in two)
+    for kind in two:
+        for k in full[kind]['head']: assert torch.equal(resumed[kind]['head'][k], full[kind]['head'][k]), (kind, k)
+        assert logged_losses(tmp_path / 'int' / kind) == logged_losses(tmp_path / 'full' / kind)
+    # heads out of step: one head's checkpoint from another iteration
+    import shutil
+    calibrate(detector, train_set, tmp_path / 'step', head=two, **{**MULTI, 'iters': 1})
+    shutil.copy(tmp_path / 'full' / '2fc_rand' / CALIBRATION_FILE, tmp_path / 'step' / '2fc_rand' / CALIBRATION_FILE)
+    with pytest.raises(InputError, match=r"out of step.*3fc_ft 1, 2fc_rand 3"):
+        calibrate(detector, train_set, tmp_path / 'step', head=two, resume=True, **MULTI)
+    # resuming with a head that did not run with them, or without one of them
+    for other in (['3fc_rand', '2fc_rand'], ['3fc_ft'], ['3fc_rand']):
+        with pytest.raises(InputError, match=r"int: field 'head': cannot resume --head .* the folder holds the checkpoints "
+                                             r"of the heads 2fc_rand 3fc_ft, which resume together"):
+            calibrate(detector, train_set, tmp_path / 'int', head=other, resume=True, **MULTI)
+    with pytest.raises(InputError, match=r"cannot resume 2 heads: this is a one-head run \(3fc_ft\)"):
+        calibrate(detector, train_set, tmp_path / 'int' / '3fc_ft', head=['3fc_rand', '2fc_rand'], resume=True, **MULTI)
+    with pytest.raises(InputError, match=r"3fc_rand.*checkpoints of 3fc_ft, 2fc_rand exist but not of 3fc_rand"):
+        calibrate(detector, train_set, tmp_path / 'int', head=two + ['3fc_rand'], resume=True, **MULTI)
+    (tmp_path / 'int' / '2fc_rand' / CALIBRATION_FILE).unlink()   # one head's checkpoint lost
+    with pytest.raises(InputError, match=r"2fc_rand.*checkpoints of 3fc_ft exist but not of 2fc_rand"):
+        calibrate(detector, train_set, tmp_path / 'int', head=two, resume=True, **MULTI)
+    # duplicate or unknown kinds, from the function and the command line
+    with pytest.raises(InputError, match=r"--head.*more than once: 3fc_ft"):
+        calibrate(detector, train_set, tmp_path / 'dup', head=['3fc_ft', '2fc_rand', '3fc_ft'], **MULTI)
+    with pytest.raises(InputError, match=r"--head.*unknown head kind.*'4fc'"):
+        calibrate(detector, train_set, tmp_path / 'dup', head=['4fc'], **MULTI)
+    assert not (tmp_path / 'dup').exists()
+
+
+def test_several_heads_on_the_command_line(synth, detector_ckpt, tmp_path, capsys):
+    args = ['calibrate', '--detector', str(detector_ckpt), '--train-ann', str(synth[0]), '--image-root', str(synth[1]),
+            '--iters', '1', '--rois-per-image', '32', '--classes-per-iter', '4', '--no-progress']
+    rc = cli_main(args + ['--out', str(tmp_path / 'dup'), '--head', '3fc_ft', '3fc_ft'])
+    err = capsys.readouterr().err
+    assert rc == 2 and '--head' in err and 'more than once' in err
+    assert cli_main(args + ['--out', str(tmp_path / 'two'), '--head', '3fc_rand', '3fc_ft']) == 0
+    out = capsys.readouterr().out
+    assert 'a 3fc_rand head for 1 iterations' in out and 'a 3fc_ft head for 1 iterations' in out
+    for kind in ('3fc_rand', '3fc_ft'):
+        assert load_calibration(tmp_path / 'two' / kind / CALIBRATION_FILE)['kind'] == kind
+        assert len(logged_losses(tmp_path / 'two' / kind)) == 1
+    assert cli_main(args + ['--out', str(tmp_path / 'one')]) == 0   # the default: one 3fc_ft head, today's files
+    assert sorted(x.name for x in (tmp_path / 'one').iterdir()) == [CALIBRATION_FILE, LOG_FILE]
 
 
 def test_bad_input(detector, train_set, synth, detector_ckpt, tmp_path, capsys):
