@@ -4,7 +4,8 @@
 
 # %% ../nbs/04b_htc.ipynb #3fe2d80d
 from __future__ import annotations
-import dataclasses
+import copy, dataclasses
+from types import SimpleNamespace
 from collections import OrderedDict
 import torch
 from torch import nn
@@ -16,13 +17,14 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import DeformConv2d, MultiScaleRoIAlign, boxes as box_ops
 from .core import InputError
 from .model import (MODEL_FIELDS, AgnosticBoxPredictor, DetectorPreset, SimCalRoIHeads, build_mask_rcnn, init_box_predictor,
+                          load_backbone_weights,
                     mask_loss, mask_probabilities, rcnn_box_losses)
 
 # %% auto #0
 __all__ = ['HTC_STAGE_IOUS', 'HTC_BOX_CODER_WEIGHTS', 'HTC_STAGE_LOSS_WEIGHTS', 'HTC_FIELDS', 'HTC_PRESETS', 'DeformConvV1',
-           'make_deformable', 'FusedSemanticHead', 'semantic_labels', 'HTCMaskHead', 'cascade_stage', 'sample_stage',
-           'refine_boxes', 'HTCRoIHeads', 'postprocess_probabilities', 'MultiScaleTransform', 'HybridTaskCascade',
-           'build_htc_model', 'HTCPreset', 'build_htc']
+           'make_deformable', 'load_htc_backbone_weights', 'FusedSemanticHead', 'semantic_labels', 'HTCMaskHead',
+           'cascade_stage', 'sample_stage', 'refine_boxes', 'HTCRoIHeads', 'postprocess_probabilities',
+           'MultiScaleTransform', 'HybridTaskCascade', 'build_htc_model', 'HTCPreset', 'build_htc']
 
 # %% ../nbs/04b_htc.ipynb #94e2c3c9
 class DeformConvV1(nn.Module):
@@ -63,6 +65,28 @@ def make_deformable(body:nn.Module, # a torchvision ResNet / ResNeXt (the FPN ba
     return body
 
 # %% ../nbs/04b_htc.ipynb #8cf9da32
+def load_htc_backbone_weights(model:nn.Module, # a model from `build_htc` (or any detector with a `backbone.body`)
+                              path, # torchvision ResNet / ResNeXt state dict (.pth), as `simcal.model.load_backbone_weights`
+                             ) -> nn.Module:
+    "ImageNet weights into a backbone with deformable convs: each takes its plain conv's weights, the offset convs stay zero."
+    body = model.backbone.body
+    plain = copy.deepcopy(body)
+    for mod in list(plain.modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, DeformConvV1):
+                c = child.conv
+                setattr(mod, cname, nn.Conv2d(c.in_channels, c.out_channels, c.weight.shape[-2:], c.stride, c.padding,
+                                              c.dilation, c.groups, c.bias is not None))
+    load_backbone_weights(SimpleNamespace(backbone=SimpleNamespace(body=plain)), path)   # its checks and errors
+    dcn = {n for n, m in body.named_modules() if isinstance(m, DeformConvV1)}
+    target = body.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for k, v in plain.state_dict().items():
+            mod, leaf = k.rsplit('.', 1) if '.' in k else ('', k)
+            target[f'{mod}.conv.{leaf}' if mod in dcn else k].copy_(v)
+    return model
+
+# %% ../nbs/04b_htc.ipynb #7a6443a8
 class FusedSemanticHead(nn.Module):
     "HTC's semantic branch (mmdet v1 `FusedSemanticHead`): FPN levels fused at one stride, convs, per-pixel logits and an embedding."
     def __init__(self, in_channels:int=256, # FPN width
@@ -120,7 +144,7 @@ def semantic_labels(targets:list, # dicts with 'semantic' (H, W) integer maps at
     x = torch.stack(out)[:, None].float()
     return F.interpolate(x, size=tuple(out_size), mode='nearest')[:, 0].long()
 
-# %% ../nbs/04b_htc.ipynb #7a6443a8
+# %% ../nbs/04b_htc.ipynb #207abc9b
 class HTCMaskHead(nn.Module):
     "One stage's mask head: convs, deconv, logits; with `info_flow`, the previous stage's mask feature enters through a 1x1 conv."
     def __init__(self, in_channels:int, num_classes:int, # C + 1 (class-specific logits), or 1 (agnostic)
@@ -140,7 +164,7 @@ class HTCMaskHead(nn.Module):
         feat = self.convs(x)
         return self.predictor(feat), feat
 
-# %% ../nbs/04b_htc.ipynb #207abc9b
+# %% ../nbs/04b_htc.ipynb #cec4ca4c
 def cascade_stage(box_roi_pool, in_channels:int, num_classes:int, *,
                   iou:float=0.5, # the stage's matcher: positives >= iou, negatives < iou
                   box_coder_weights:tuple=(10., 10., 5., 5.), # 1 / mmdet's target stds
@@ -176,7 +200,7 @@ def refine_boxes(stage:SimCalRoIHeads, box_regression:torch.Tensor, rois:list, i
     boxes = stage.box_coder.decode(box_regression[:, :4].detach(), rois)[:, 0]
     return [box_ops.clip_boxes_to_image(b, s) for b, s in zip(boxes.split([len(r) for r in rois]), image_shapes)]
 
-# %% ../nbs/04b_htc.ipynb #cec4ca4c
+# %% ../nbs/04b_htc.ipynb #715df6fc
 class HTCRoIHeads(nn.Module):
     "Hybrid Task Cascade's RoI heads: box stages, interleaved mask stages with information flow, optional fused semantic branch."
     def __init__(self, stages:list, # `cascade_stage`s, first to last
@@ -329,7 +353,7 @@ def postprocess_probabilities(stage:SimCalRoIHeads, probs:torch.Tensor, box_regr
         for lst, v in zip(out, (boxes[keep], scores[keep], labels[keep])): lst.append(v)
     return out
 
-# %% ../nbs/04b_htc.ipynb #715df6fc
+# %% ../nbs/04b_htc.ipynb #efadd821
 class MultiScaleTransform(GeneralizedRCNNTransform):
     "torchvision's transform; in training the shorter side is drawn uniformly from `train_size_range` with cap `train_max_size` (mmdet 'range' mode)."
     @classmethod
@@ -347,7 +371,7 @@ class MultiScaleTransform(GeneralizedRCNNTransform):
         try: return super().resize(image, target)
         finally: self.min_size, self.max_size = saved
 
-# %% ../nbs/04b_htc.ipynb #efadd821
+# %% ../nbs/04b_htc.ipynb #e86be00a
 class HybridTaskCascade(GeneralizedRCNN):
     "HTC: torchvision's `GeneralizedRCNN` (transform, backbone, RPN) with `HTCRoIHeads`."
     def __init__(self, backbone, rpn, roi_heads:HTCRoIHeads, transform):
@@ -415,7 +439,7 @@ def build_htc_model(num_classes:int, # C + 1 (background is label 0); LVIS v0.5:
     model.num_classes, model.class_agnostic, model.legacy_mmdet_v1 = num_classes, True, False
     return model
 
-# %% ../nbs/04b_htc.ipynb #e86be00a
+# %% ../nbs/04b_htc.ipynb #793960fa
 HTC_FIELDS = ('dcn_stages', 'stage_ious', 'box_coder_weights', 'stage_loss_weights', 'stage_min_pos_iou', 'mask_info_flow',
               'interleaved', 'semantic', 'semantic_classes', 'semantic_loss_weight', 'train_size_range', 'train_max_size')
 _DROPPED = ('class_agnostic', 'box_min_pos_iou', 'legacy_mmdet_v1')

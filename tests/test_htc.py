@@ -339,3 +339,21 @@ def test_calibration_batches_have_one_part_per_stage():
         # the features are the stage's own RoI features of the composed RoIs
         torch.testing.assert_close(st['features'], as_detector(m).roi_features(
             as_detector(m).sample_training_rois(images(2), [target(), target()], [False, False], [0, 0]), st['rois'], k))
+
+def test_imagenet_weights_reach_the_deformable_convs(tmp_path):
+    from torchvision.models import resnet18
+    torch.manual_seed(0)
+    ref = resnet18(weights=None).eval()
+    torch.save(ref.state_dict(), tmp_path / 'r18.pth')
+    m = tiny(dcn_stages=('layer3', 'layer4'), norm='frozen_bn')
+    H.load_htc_backbone_weights(m, tmp_path / 'r18.pth')
+    body = m.backbone.body
+    torch.testing.assert_close(body.layer4[0].conv2.conv.weight, ref.layer4[0].conv2.weight)
+    torch.testing.assert_close(body.layer2[1].conv2.weight, ref.layer2[1].conv2.weight)
+    assert torch.count_nonzero(body.layer3[0].conv2.conv_offset.weight) == 0
+    with torch.no_grad():   # zero offsets: the backbone computes what the ImageNet ResNet computes
+        x = torch.randn(1, 3, 64, 64)
+        want = ref.layer4(ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))))))
+        torch.testing.assert_close(body(x)['3'], want, rtol=1e-4, atol=1e-4)
+    torch.save({'conv1.weight': torch.zeros(1)}, tmp_path / 'bad.pth')
+    with pytest.raises(InputError, match='bad.pth'): H.load_htc_backbone_weights(m, tmp_path / 'bad.pth')
