@@ -51,7 +51,12 @@ class DeformConvV1(nn.Module):
         for p in new.parameters(): p.requires_grad_(conv.weight.requires_grad)
         return new.to(conv.weight.device)
 
-    def forward(self, x): return self.conv(x, self.conv_offset(x).to(x.dtype))
+    def forward(self, x):
+        offset = self.conv_offset(x)
+        if x.dtype == torch.float32 and offset.dtype == torch.float32: return self.conv(x, offset)
+        # under autocast: the deformable op in float32 (torchvision's CPU kernel has no bfloat16; its CUDA autocast does the same)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.conv(x.float(), offset.float()).to(x.dtype)
 
 def make_deformable(body:nn.Module, # a torchvision ResNet / ResNeXt (the FPN backbone's `body`)
                     stages:tuple=('layer2', 'layer3', 'layer4'), # c3-c5 (release); () leaves it plain

@@ -357,3 +357,16 @@ def test_imagenet_weights_reach_the_deformable_convs(tmp_path):
         torch.testing.assert_close(body(x)['3'], want, rtol=1e-4, atol=1e-4)
     torch.save({'conv1.weight': torch.zeros(1)}, tmp_path / 'bad.pth')
     with pytest.raises(InputError, match='bad.pth'): H.load_htc_backbone_weights(m, tmp_path / 'bad.pth')
+
+def test_bfloat16_autocast_on_cpu():
+    m = tiny(semantic=True, semantic_classes=3, dcn_stages=('layer4',)); m.train()
+    d = m.backbone.body.layer4[0].conv2
+    x = torch.randn(1, 512, 4, 4)
+    with torch.autocast('cpu', dtype=torch.bfloat16):   # torchvision's CPU deform_conv2d has no bfloat16 kernel
+        y = d(x.bfloat16())
+        losses = m(images(1), [target(sem_classes=3)])
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), d.conv(x.bfloat16().float(), torch.zeros(1, 18, 4, 4)), rtol=2e-2, atol=2e-2)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert d.conv.weight.grad is not None and torch.isfinite(d.conv.weight.grad).all()
