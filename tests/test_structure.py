@@ -15,10 +15,12 @@ LAYERS = [
     ('core',),
     ('checks',),        # annotation checks shared by every reader
     ('data', 'synth', 'sampler', 'model'),
+    ('htc',),           # the Hybrid Task Cascade, built from model's parts
     ('evaluate', 'longtail'),
     ('comm',),          # process group, devices, collectives
     ('checkpoint',),    # detector checkpoints and run metadata
     ('detector',),      # the detector contract (and the training flip)
+    ('htc_adapter',),   # the contract for HTC (three stages)
     ('inference',),     # distributed inference into result records
     ('train', 'calibration', 'oracle'),
     ('testing', 'convert'),   # `simcal test` (inference + calibration + evaluation); release checkpoints -> ours
