@@ -682,7 +682,7 @@ def run_calibrate(args) -> int:
         info = init_distributed(args.device)
         model, meta = load_detector(args.detector, device=info.device)
         detector = as_detector(model, meta)
-        dataset = load_detection_dataset(args.train_ann, args.image_root, train=True)
+        dataset = load_detection_dataset(args.train_ann, args.image_root, train=True, masks=False)  # calibration reads boxes and labels only
         check_dataset_classes(meta, dataset, args.detector, exact=True)
         protocol = args.protocol or preset_protocol(meta)
         detector_info = {'checkpoint': str(args.detector), 'sha256': file_sha256(args.detector), 'preset': meta.get('preset'),

@@ -298,11 +298,12 @@ class DetectionDataset(Dataset):
                  path_field:str='auto', # 'file_name', 'coco_url' (LVIS v1) or 'auto' (file_name if present)
                  data:dict|None=None, # the already loaded annotation file, to avoid reading it twice
                  allow=(), # checks of the annotation file to skip (`simcal.checks.ALLOW`: 'degenerate-boxes')
+                 masks:bool=True, # decode the instance masks into targets (calibration and Props-GT need boxes only)
                 ):
         if path_field not in ('auto', 'file_name', 'coco_url'):
             raise ValueError(f"path_field must be 'auto', 'file_name' or 'coco_url', got {path_field!r}")
         self.ann_file, self.image_root, self.train, self.transforms = Path(ann_file), Path(image_root), train, transforms
-        self.path_field, self.allow = path_field, parse_allow(allow)
+        self.path_field, self.allow, self.masks = path_field, parse_allow(allow), masks
         if data is None: data = load_json(self.ann_file, 'annotation file')
         validate_annotations(data, self.ann_file, allow=allow)
         self._check_image_records(data['images'])
@@ -416,26 +417,30 @@ class DetectionDataset(Dataset):
         return img
 
     def target(self, idx:int) -> dict:
-        "An item's target dict (decodes the masks)."
+        "An item's target dict (with the decoded masks unless the dataset was made with `masks=False`)."
         im, anns = self._images[idx], self._anns[idx]
         h, w = im['height'], im['width']
         masks = []
-        for a in anns:
+        for a in (anns if self.masks else ()):
             try: masks.append(segmentation_to_mask(a['segmentation'], h, w,
                                                    drop_invalid_polygons='invalid-polygons' in self.allow))
             except (TypeError, ValueError, IndexError) as e:
                 raise InputError(self.ann_file, f"cannot decode segmentation: {e}",
                                  record=_rec('annotations', self._ann_pos[a['id']], a['id']), field='segmentation') from None
         boxes = [[x, y, x + bw, y + bh] for x, y, bw, bh in (a['bbox'] for a in anns)]
-        return {
+        t = {
             'boxes': torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             'labels': torch.tensor([self.label_map.label(a['category_id']) for a in anns], dtype=torch.int64),
-            'masks': torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8),
             'image_id': int(im['id']),
-            'area': torch.tensor([a['area'] if 'area' in a else float(m.sum()) for a, m in zip(anns, masks)],
-                                 dtype=torch.float32),
             'iscrowd': torch.tensor([int(a.get('iscrowd', 0)) for a in anns], dtype=torch.int64),
         }
+        if self.masks:
+            t['masks'] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
+            t['area'] = torch.tensor([a['area'] if 'area' in a else float(m.sum()) for a, m in zip(anns, masks)],
+                                     dtype=torch.float32)
+        else:   # without masks, the recorded area or the box's
+            t['area'] = torch.tensor([a.get('area', a['bbox'][2] * a['bbox'][3]) for a in anns], dtype=torch.float32)
+        return t
 
     def __getitem__(self, idx:int):
         if not -len(self) <= idx < len(self): raise IndexError(f"index {idx} out of range for {len(self)} images")

@@ -68,6 +68,18 @@ def test_coco_eval_mode_items(coco_raw, coco_images):
     assert t['boxes'].shape == (len(anns), 4) and t['masks'].shape == (len(anns), im['height'], im['width'])
 
 
+def test_targets_without_masks(coco_raw, coco_images):
+    "masks=False (calibration, Props-GT): the same boxes, labels, crowd flags and recorded areas, no mask decoded."
+    full = load_detection_dataset(COCO_FILE, coco_images, train=True)
+    lean = load_detection_dataset(COCO_FILE, coco_images, train=True, masks=False)
+    assert lean.image_ids == full.image_ids and len(lean) > 0
+    for k in range(0, len(lean), 7):
+        a, b = full.target(k), lean.target(k)
+        assert 'masks' not in b and 'masks' in a
+        for key in ('boxes', 'labels', 'iscrowd', 'area'): assert torch.equal(a[key], b[key]), key
+        assert a['image_id'] == b['image_id']
+
+
 def test_coco_boxes_xywh_to_xyxy_exact(coco_raw, coco_images):
     ds = COCODataset(COCO_FILE, coco_images)
     by_image = defaultdict(list)
