@@ -12,9 +12,9 @@ from .core import save_json, load_json, InputError, atomic_write
 __all__ = ['PAPER_COLUMNS', 'PAPER_LVIS', 'PAPER_COCO_LT', 'PAPER_T_SWEEP', 'PAPER_HEADS', 'PAPER_CAL_STEPS_AP', 'PAPER_BIN_BASE',
            'PAPER_BIN_COUNT', 'STATUS_ENV', 'LVIS_RULES_TWIN', 'REPRO_NOTEBOOKS', 'metrics_row', 'comparison_table',
            'save_table', 'show_figure', 'available_cpus', 'report_status', 'end_process_group', 'torchrun',
-           'device_kind', 'step_key', 'train_base', 'calibrate_head', 'test_model', 'repo_root', 'coco_rules_filter',
-           'coco_rules_from', 'find_notebooks', 'run_notebook', 'relative_to_checkout', 'StatusPrinter', 'timing_table',
-           'configure_repro_parser', 'notebook_parameters', 'run_repro']
+           'device_kind', 'step_key', 'train_base', 'calibrate_heads', 'calibrate_head', 'test_model', 'repo_root',
+           'coco_rules_filter', 'coco_rules_from', 'find_notebooks', 'run_notebook', 'relative_to_checkout',
+           'StatusPrinter', 'timing_table', 'configure_repro_parser', 'notebook_parameters', 'run_repro']
 
 # %% ../nbs/91_repro.ipynb #a5ae1f19
 PAPER_COLUMNS = ['AP1', 'AP2', 'AP3', 'AP4', 'APr', 'APc', 'APf', 'AP']
@@ -281,20 +281,32 @@ def train_base(train_ann, image_root, out, # training annotations, their image f
     _step(out, args, launch, ['model_final.pth'], summary)
     return Path(out) / 'model_final.pth'
 
+def calibrate_heads(detector, train_ann, image_root, out, # detector checkpoint, its training set, work directory
+                    heads=('3fc_ft',), # calibration head designs, trained together on the same sampled batches
+                    iters:int=12000, # calibration iterations (the paper: about 12k)
+                    lr_steps:list|None=None, # None: the `simcal calibrate` default schedule
+                    extra:list=(), # more `simcal calibrate` options
+                    **launch) -> dict:
+    """Train calibration heads with one `simcal calibrate` run (the detector's forward once per batch for all of them);
+    returns `{head: checkpoint}`. The heads are bitwise those of separate runs with the same seed."""
+    heads = sorted(set([heads] if isinstance(heads, str) else heads))   # one order, so any caller's run is reused
+    args = ['calibrate', '--detector', detector, '--train-ann', train_ann, '--image-root', image_root, '--out', out,
+            '--head', *heads, '--iters', iters, *(['--lr-steps', *lr_steps] if lr_steps else []), *extra]
+    files = {h: Path(out) / (h if len(heads) > 1 else '') / 'calibration.pt' for h in heads}
+    def summary():
+        rows = {h: _last_jsonl(f.parent / 'calibration_log.jsonl') for h, f in files.items()}
+        return ', '.join(f"{h} loss {r['loss']:.3f}" for h, r in rows.items() if 'loss' in r) + f' after {iters} iterations'
+    _step(out, args, launch, [str(f.relative_to(out)) for f in files.values()], summary)
+    return files
+
 def calibrate_head(detector, train_ann, image_root, out, # detector checkpoint, its training set, work directory
                    head:str='3fc_ft', # calibration head design
                    iters:int=12000, # calibration iterations (the paper: about 12k)
                    lr_steps:list|None=None, # None: the `simcal calibrate` default schedule
                    extra:list=(), # more `simcal calibrate` options
                    **launch) -> Path:
-    "Train a calibration head with `simcal calibrate`; returns its checkpoint."
-    args = ['calibrate', '--detector', detector, '--train-ann', train_ann, '--image-root', image_root, '--out', out,
-            '--head', head, '--iters', iters, *(['--lr-steps', *lr_steps] if lr_steps else []), *extra]
-    def summary():
-        r = _last_jsonl(Path(out) / 'calibration_log.jsonl')
-        return f"head {head}, {r.get('iter', iters)} iterations, loss {r['loss']:.3f}" if 'loss' in r else f'head {head}'
-    _step(out, args, launch, ['calibration.pt'], summary)
-    return Path(out) / 'calibration.pt'
+    "Train one calibration head with `simcal calibrate`; returns its checkpoint."
+    return calibrate_heads(detector, train_ann, image_root, out, [head], iters, lr_steps, extra, **launch)[head]
 
 def test_model(checkpoint, ann, image_root, out, # detector checkpoint, evaluation set, its images, output folder
                stats, # training statistics for the bins (training annotations or a shipped table name)

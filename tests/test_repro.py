@@ -13,7 +13,7 @@ from simcal.repro import REPRO_NOTEBOOKS, find_notebooks, PAPER_LVIS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {'synth': {'num_classes': 12, 'num_train': 60, 'num_val': 24}, 'base_iters': 12, 'cal_iters': 4, 'T_values': [4],
-        'heads': ['2fc_rand', '3fc_ft'], 'step_fractions': [0.5], 'bin_bases': [3, 4], 'bin_counts': [2, 3]}
+        'heads': ['2fc_rand', '3fc_ft'], 'shared_heads': ['2fc_rand'], 'step_fractions': [0.5], 'bin_bases': [3, 4], 'bin_counts': [2, 3]}
 
 
 def _params():
@@ -140,6 +140,15 @@ def test_coco_rules_filtered_equal_a_direct_pass(repro, tmp_path):
     for iou in ('bbox', 'segm'): assert m[iou]['AP'] == direct[iou]['AP'] and m[iou]['bAP'] == direct[iou]['bAP']
 
 
+def test_calibration_heads_trained_once(repro):
+    "The paper notebooks share one calibration run for every head: the LVIS notebook's, reused by the others."
+    _, runs = repro
+    step = json.loads((runs / 'cal_heads' / 'step.json').read_text())
+    assert step['args'][step['args'].index('--head') + 1:][:2] == ['2fc_rand', '3fc_ft']
+    for h in ('2fc_rand', '3fc_ft'): assert (runs / 'cal_heads' / h / 'calibration.pt').is_file()
+    assert not [d.name for d in runs.iterdir() if d.name.startswith('cal_') and d.name not in ('cal_heads', 'cal_steps')]
+
+
 def test_ablation_figures(repro):
     figs, _ = repro
     t = json.loads((figs / 'ablation_dual_threshold.json').read_text())
@@ -174,7 +183,7 @@ def test_notebook_through_jupyter_server(repro, tmp_path):
     i = next(k for k, c in enumerate(c for c in nb['cells'] if c['cell_type'] == 'code')
              if 'parameters' in c['metadata'].get('tags', []))
     out_dir = tmp_path / 'figures'
-    inject = '\n'.join(f'{k} = {v!r}' for k, v in {**{k: TINY[k] for k in ('synth', 'base_iters', 'cal_iters')},
+    inject = '\n'.join(f'{k} = {v!r}' for k, v in {**{k: TINY[k] for k in ('synth', 'base_iters', 'cal_iters', 'shared_heads')},
                                                    'work_dir': str(runs), 'out_dir': str(out_dir)}.items())
     cells = cells[:i + 1] + [inject] + cells[i + 1:]
     with JupyterServer(ROOT) as server:
