@@ -414,6 +414,7 @@ class StatusPrinter:
         self.path, self.stream, self.log_every = Path(path), stream or sys.stderr, log_every
         self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
         self.notebook, self.steps, self.pos, self.last_log, self.width = '', [], 0, 0.0, 0
+        self._lock = threading.Lock()   # the follower thread and the caller both poll
         self._stop = threading.Event(); self._thread = threading.Thread(target=self._run, daemon=True)
     def __enter__(self): self._thread.start(); return self
     def __exit__(self, *a):
@@ -423,6 +424,8 @@ class StatusPrinter:
     def _clear(self):
         if self.tty and self.width: self.stream.write('\r' + ' ' * self.width + '\r'); self.width = 0
     def poll(self):
+        with self._lock: self._poll()
+    def _poll(self):
         if not self.path.is_file(): return
         with open(self.path) as f:
             f.seek(self.pos); data = f.read()
