@@ -59,7 +59,7 @@ def test_executed_notebooks_kept(repro):
         assert str(ROOT) not in (figs / 'notebooks' / nb).read_text()   # checkout paths are relative
 
 
-FIGURES_SHOWN = {'lvis_mrcnn.ipynb': 3, 'coco_lt.ipynb': 2, 'ablations.ipynb': 4}   # loss curve + per-bin figures
+FIGURES_SHOWN = {'lvis_mrcnn.ipynb': 4, 'coco_lt.ipynb': 2, 'ablations.ipynb': 4}   # loss curve + per-bin figures (+ Props-GT)
 
 
 def test_executed_notebooks_show_figures_and_no_stderr(repro):
@@ -97,6 +97,19 @@ def test_lvis_tables_and_figures(repro):
         assert (figs / f'lvis_mrcnn_table_{iou}.md').read_text().count('\n') >= 7
     s = json.loads((figs / 'lvis_mrcnn_summary.json').read_text())
     assert s['dataset'] == 'synth' and len(s['findings']) == 2
+
+
+def test_props_gt_upper_bound(repro):
+    "The Props-GT pass (2 torchrun processes): every detection has score 1 and a class present in its image."
+    figs, runs = repro
+    fig = json.loads((figs / 'lvis_mrcnn_props_gt.json').read_text())
+    assert set(fig['ours']) == {'baseline', 'SimCal (cal+dual)', 'Props-GT'}
+    assert fig['release_props_gt_lvis_v0.5']['bAP'] == 36.4
+    _png_ok(figs / 'lvis_mrcnn_props_gt.png')
+    gt = json.loads((runs / 'data' / 'synth' / 'annotations' / 'val.json').read_text())
+    present = {(a['image_id'], a['category_id']) for a in gt['annotations']}
+    res = json.loads((runs / 'test_props_gt' / 'results.json').read_text())
+    assert res and all(r['score'] == 1.0 and (r['image_id'], r['category_id']) in present for r in res)
 
 
 def test_coco_lt_tables_and_figures(repro):
