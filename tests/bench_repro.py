@@ -9,6 +9,8 @@ The machine's load average is printed with the numbers: on shared cores, wall-cl
 import argparse, json, os, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
+from simcal.repro import timing_table
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,11 +42,7 @@ def main(argv=None):
         print(f'\nwall {time.time() - t0:.0f} s; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end')
         if rc != 0: sys.exit(rc)
     timing = json.loads((work / 'repro_timing.json').read_text())
-    print('\n| notebook | step | seconds |\n|---|---|---|')
-    for s in timing['steps']:
-        print(f"| {s['notebook']} | {s['step']}{' (reused)' if s.get('reused') else ''} | {s['seconds']:.0f} |")
-    for nb, sec in timing['notebooks'].items(): print(f'| **{nb}** | notebook total | **{sec:.0f}** |')
-    print(f"| **all** | | **{timing['total_seconds']:.0f}** |")
+    print('\n' + timing_table(timing['steps'], timing['notebooks'], timing['total_seconds']))
     print('\n| work | runs | seconds | share |\n|---|---|---|---|')
     for k, n, sec, share in by_kind(timing): print(f"| {k} | {'' if n is None else n} | {sec:.0f} | {100 * share:.0f}% |")
     if not a.src and not a.keep: shutil.rmtree(base, ignore_errors=True)
