@@ -117,6 +117,11 @@ class MaxIoUMatcher(det_utils.Matcher):
         super().__init__(high_threshold, low_threshold, allow_low_quality_matches=False)
         self.min_pos_iou, self.gt_max_assign_all = float(min_pos_iou), bool(gt_max_assign_all)
 
+    @classmethod
+    def from_matcher(cls, m:det_utils.Matcher, min_pos_iou:float, gt_max_assign_all:bool=True) -> 'MaxIoUMatcher':
+        "torchvision matcher `m`'s thresholds with mmdet v1's low-quality matches."
+        return cls(m.high_threshold, m.low_threshold, min_pos_iou, gt_max_assign_all)
+
     def __call__(self, match_quality_matrix):
         matches = super().__call__(match_quality_matrix)
         q = match_quality_matrix
@@ -142,8 +147,7 @@ class SimCalRoIHeads(RoIHeads):
             raise ValueError(f"neg_iou_floor must be in [0, {self.proposal_matcher.low_threshold}], got {neg_iou_floor}")
         self.neg_iou_floor, self.box_loss_beta = float(neg_iou_floor), float(box_loss_beta)
         if min_pos_iou is not None:
-            m = self.proposal_matcher
-            self.proposal_matcher = MaxIoUMatcher(m.high_threshold, m.low_threshold, min_pos_iou, gt_max_assign_all)
+            self.proposal_matcher = MaxIoUMatcher.from_matcher(self.proposal_matcher, min_pos_iou, gt_max_assign_all)
         self.box_coder = Float32BoxCoder(self.box_coder.weights, self.box_coder.bbox_xform_clip)
 
     @classmethod
@@ -236,8 +240,7 @@ class SimCalRPN(RegionProposalNetwork):
         super().__init__(*args, **kwargs)
         self.allowed_border = None if allowed_border is None else float(allowed_border)
         if min_pos_iou is not None:
-            m = self.proposal_matcher
-            self.proposal_matcher = MaxIoUMatcher(m.high_threshold, m.low_threshold, min_pos_iou, gt_max_assign_all)
+            self.proposal_matcher = MaxIoUMatcher.from_matcher(self.proposal_matcher, min_pos_iou, gt_max_assign_all)
         self.box_coder = Float32BoxCoder(self.box_coder.weights, self.box_coder.bbox_xform_clip)
 
     @classmethod
