@@ -26,6 +26,8 @@ COMMANDS = [
      'run distributed inference and evaluate'),
     (('calibrate',),      'simcal.calibration', 'configure_calibrate_parser', 'run_calibrate',
      'train a calibration head on bi-level sampled proposals (plain process or torchrun)'),
+    (('retrain',),        'simcal.retrain',     'configure_retrain_parser',   'run_retrain',
+     'retrain the classifier of a frozen detector: cRT, LWS or BAGS (plain process or torchrun)'),
     (('convert',),        'simcal.convert',     'configure_convert_parser',   'run_convert',
      "convert the SimCal release's mmdetection v1 checkpoints into simcal checkpoints"),
     (('repro',),          'simcal.repro',       'configure_repro_parser',     'run_repro',

@@ -23,6 +23,7 @@ LAYERS = [
     ('htc_adapter',),   # the contract for HTC (three stages)
     ('inference',),     # distributed inference into result records
     ('train', 'calibration', 'oracle'),
+    ('retrain',),       # cRT / LWS / BAGS on a frozen detector, on the calibration machinery
     ('testing', 'convert'),   # `simcal test` (inference + calibration + evaluation); release checkpoints -> ours
     ('repro',),
     ('cli',),           # the command registry, on top
