@@ -193,8 +193,13 @@ def _rank_keys(sampler, batch_size, start, stop, rank, world):
         yield [(b.first_position + j, i) for j, i in enumerate(b.indices)]
 
 def _read_log(path) -> list:
+    "The records of a JSONL log; a line torn by a killed process is left out."
     if not Path(path).is_file(): return []
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    out = []
+    for l in Path(path).read_text().splitlines():
+        try: out.append(json.loads(l))
+        except json.JSONDecodeError: pass
+    return out
 
 def retrain_classifier(model, # trained detector (frozen here): a model or a `DetectorAdapter`
                        dataset, # training set: `class_to_indices()`, `label_map`, `stats`, items (image, target)

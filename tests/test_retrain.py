@@ -1,8 +1,9 @@
 """Checks of simcal.retrain (cRT, LWS and BAGS re-trained on a frozen detector) on the demo detector structure at a
 tiny size and the embedded synthetic set: the loss goes down for each method; 2-process runs under torchrun (gloo)
 through `simcal retrain`, stopped and resumed, equal the uninterrupted runs exactly; cRT under 2 processes ends
-where one process ends; bad checkpoint files are one `InputError` naming the field; an attached classifier scores
-the detector's RoIs (LWS with all scales 1 = the detector's own detections, the BAGS merge sums to <= 1).
+where one process ends; a run killed with SIGKILL resumes exactly; bad checkpoint files are one `InputError` naming
+the field; an attached classifier scores the detector's RoIs (LWS with all scales 1 = the detector's own detections,
+the BAGS merge: background plus any one group's classes <= 1); a two-stage detector gets one head per stage.
 
 The detector has random weights: the checks are about mechanics, not accuracy.
 """
@@ -258,3 +259,63 @@ def test_attached_classifier_scores(detector, train_set, synth, tmp_path):
         detach_retrained(detector); detector.roi_heads.score_thresh = saved
     with torch.no_grad(): again = detector(images)
     assert torch.equal(again[0]['scores'], before[0]['scores'])
+
+
+def test_a_multi_stage_detector_plugs_in(detector_ckpt, train_set, tmp_path):
+    # a stand-in for a cascade: the tiny Mask R-CNN seen as two stages (stage 2 re-samples its RoIs with other seeds
+    # and reads the same features); only the adapter knows it
+    from simcal.detector import MaskRCNNAdapter, ScoredBoxPredictor
+
+    class TwoStage(MaskRCNNAdapter):
+        num_stages = 2
+        def _check_stage(self, stage): assert 0 <= stage < 2
+        def sample_training_rois(self, images, targets, flips, seeds, **kw):
+            s = super().sample_training_rois(images, targets, flips, seeds, **kw)
+            s2 = super().sample_training_rois(images, targets, flips, [x + 1 for x in seeds], **kw)
+            return {**s, 'stages': s['stages'] + s2['stages']}
+        def install_scorer(self, scorer):
+            super().install_scorer(scorer)
+            self.model.roi_heads.box_predictor = TwoStagePredictor(self.model.roi_heads.box_predictor.box_predictor, scorer)
+
+    class TwoStagePredictor(ScoredBoxPredictor):
+        def forward(self, x):
+            box_features, roi_features = x
+            logits, deltas = self.box_predictor(box_features)
+            return torch.log(self.scorer([logits, logits], [roi_features, roi_features])), deltas
+
+    model = load_detector(detector_ckpt)[0]
+    two = TwoStage(model)
+    ck = run(two, train_set, tmp_path / 'bags', 'bags', iters=2)
+    assert len(ck['stage_heads']) == 1 and any(not torch.equal(ck['head'][k], ck['stage_heads'][0][k]) for k in ck['head'])
+    with pytest.raises(InputError, match="heads for 2 stage.*field|field 'stage_heads'"):
+        attach_retrained(load_detector(detector_ckpt)[0], tmp_path / 'bags' / RETRAIN_FILE)
+    attach_retrained(two, tmp_path / 'bags' / RETRAIN_FILE)
+    assert len(two.scorer().heads) == 2
+    with torch.no_grad(): out = model([train_set[i][0] for i in range(2)])
+    assert all(len(o['scores']) > 0 for o in out)
+
+
+def test_a_killed_run_resumes_exactly(synth, detector_ckpt, train_set, tmp_path):
+    # `simcal retrain` killed (SIGKILL) after a checkpoint, then resumed: the classifier of the uninterrupted run
+    import time
+    out, iters = tmp_path / 'killed', 40
+    args = ['retrain', '--detector', detector_ckpt, '--train-ann', synth[0], '--image-root', synth[1], '--out', out,
+            '--method', 'lws', '--iters', iters, '--lr', 0.05, '--lr-steps', 20] + RUN[:RUN.index('--lr-steps')] + \
+           ['--seed', 3, '--no-progress', '--checkpoint-every', 2]
+    p = subprocess.Popen([sys.executable, '-m', 'simcal.cli'] + [str(a) for a in args], env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not (out / RETRAIN_FILE).is_file() and p.poll() is None and time.time() - t0 < 120: time.sleep(0.05)
+        p.kill()
+    finally:
+        p.communicate()
+    stopped = load_retrained(out / RETRAIN_FILE)['iteration']
+    print(f'killed after iteration {stopped} of {iters}')
+    assert stopped < iters, 'the run ended before it was killed: nothing was resumed'
+    model = load_detector(detector_ckpt)[0]
+    kw = dict(lr_steps=[20], seed=3, checkpoint_every=1000)
+    resumed = run(model, train_set, out, 'lws', iters=iters, resume=True, **kw)
+    whole = run(model, train_set, tmp_path / 'whole', 'lws', iters=iters, **kw)
+    for k in whole['head']: assert torch.equal(whole['head'][k], resumed['head'][k]), k
+    assert [r['loss'] for r in log(out)] == [r['loss'] for r in log(tmp_path / 'whole')]
