@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_calibration.ipynb #89e019b3
 from __future__ import annotations
-import hashlib, json, math, time
+import hashlib, json, math, os, sys, time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -12,11 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import InputError, PROTOCOLS, atomic_write
+from .core import (InputError, PROTOCOLS, atomic_write, positive_int, non_negative_int, positive_float, float_range,
+                         probability, device_option, writable_dir)
+from .checks import add_allow_argument
 from .sampler import BiLevelSampler, derived_seed
 from .comm import get_rank, get_world_size, barrier, init_distributed, cleanup_distributed, all_reduce_sum
 from .checkpoint import load_detector, check_dataset_classes, preset_protocol
 from .detector import DetectorAdapter, as_detector
+from .data import uint8_items
 
 # %% auto #0
 __all__ = ['HEAD_KINDS', 'DUAL_MODES', 'CALIBRATION_FORMAT', 'CALIBRATION_FILE', 'LOG_FILE', 'CalibrationHead',
@@ -70,12 +73,13 @@ def build_calibration_head(model, # the trained detector (a model or a `Detector
     "A calibration head that fits a detector stage; for '3fc_ft' initialised from that stage's classification path."
     det = as_detector(model)
     fcs, cls = det.classification_path(stage)
-    hidden = hidden or (fcs[0].out_features if fcs else None) or 1024
+    if hidden is not None and hidden < 1: raise InputError('--hidden', f'must be an integer >= 1, got {hidden}')
+    if hidden is None: hidden = fcs[0].out_features if fcs else 1024
     head = CalibrationHead(kind, det.feature_shape(), det.num_classes(), hidden)
     if kind == '3fc_ft':
         if len(fcs) != 2: raise ValueError(f"'3fc_ft' copies a two-fc box head (fc6, fc7); the detector's path has {len(fcs)} fc layers")
         if fcs[0].in_features != head.fc6.in_features or fcs[0].out_features != hidden:
-            raise ValueError(f"'3fc_ft' needs hidden = the detector's representation size {fcs[0].out_features}, got {hidden}")
+            raise InputError('--hidden', f"'3fc_ft' needs hidden = the detector's representation size {fcs[0].out_features}, got {hidden}")
         with torch.no_grad():
             for name, src in (('fc6', fcs[0]), ('fc7', fcs[1]), ('cls_score', cls)):
                 getattr(head, name).load_state_dict(src.state_dict())
@@ -377,7 +381,7 @@ class _DrawnImages(torch.utils.data.Dataset):
     def __len__(self): return len(self.dataset)
     def __getitem__(self, key):
         position, label, index = key
-        image, target = self.dataset[index]
+        image, target = uint8_items(self.dataset)[index]   # uint8: made float on the detector's device
         return image, {'boxes': target['boxes'], 'labels': target['labels']}, position, label
 
 def _collate_drawn(items): return tuple(list(x) for x in zip(*items)) if items else ([], [], [], [])
@@ -638,6 +642,7 @@ def calibrate(model, # trained detector (frozen here): a model or a `DetectorAda
                                         'step_s': t_batch + r['head_s'], 'time': time.time()}) + '\n')
         if (it + 1) % checkpoint_every == 0 or it + 1 == iters: final = checkpoint(it + 1)
     bar.close()
+    if final is None: final = checkpoint(start)   # iters = 0: the heads as initialised ('3fc_ft': the detector's own)
     return final
 
 # %% ../nbs/07_calibration.ipynb #8021d720
@@ -647,42 +652,51 @@ def configure_calibrate_parser(parser) -> None:
     p.add_argument('--detector', required=True, help='detector checkpoint written by simcal train (kept frozen)')
     p.add_argument('--train-ann', required=True, help='training annotations the detector was trained on (LVIS or COCO JSON)')
     p.add_argument('--image-root', required=True, help='folder the image paths of --train-ann are relative to')
-    p.add_argument('--out', required=True, help='work directory: calibration.pt and calibration_log.jsonl (with several heads: one sub-folder per head)')
+    p.add_argument('--out', required=True, type=writable_dir, help='work directory: calibration.pt and calibration_log.jsonl (with several heads: one sub-folder per head)')
     p.add_argument('--head', nargs='+', default=['3fc_ft'], choices=HEAD_KINDS, metavar='HEAD',
                    help=f"calibration head(s): {', '.join(HEAD_KINDS)} (the paper's best: 3fc_ft); several are trained on the "
                    "same sampled batches in one run, each in --out/<head>/")
-    p.add_argument('--iters', type=int, default=12000, help='calibration iterations (paper: about 12k)')
-    p.add_argument('--lr', type=float, default=0.01, help='SGD learning rate (no momentum, no weight decay)')
-    p.add_argument('--lr-steps', type=int, nargs='*', default=None, help='iterations where the LR drops by --lr-gamma '
+    p.add_argument('--iters', type=non_negative_int, default=12000, help='calibration iterations (paper: about 12k)')
+    p.add_argument('--lr', type=positive_float, default=0.01, help='SGD learning rate (no momentum, no weight decay)')
+    p.add_argument('--lr-steps', type=positive_int, nargs='*', default=None, help='iterations where the LR drops by --lr-gamma '
                    '(default: 7/12 and 10/12 of --iters, i.e. 7000 10000 for 12k, as the release)')
-    p.add_argument('--lr-gamma', type=float, default=0.1, help='LR factor at each step')
-    p.add_argument('--classes-per-iter', type=int, default=16, help='classes drawn per iteration, over all processes')
-    p.add_argument('--images-per-class', type=int, default=1, help='images drawn per drawn class')
-    p.add_argument('--tau', type=float, default=0.0, help='class distribution p ~ min(n, 100)^tau (0: uniform, the paper)')
-    p.add_argument('--rois-per-image', type=int, default=512, help='R-CNN RoIs sampled per image')
-    p.add_argument('--positive-fraction', type=float, default=0.25, help='at most this fraction of them foreground')
-    p.add_argument('--neg-iou-floor', type=float, default=None, help="negatives need IoU >= this (release: 0.1; default: "
+    p.add_argument('--lr-gamma', type=float_range(0, 1, lo_open=True), default=0.1, help='LR factor at each step')
+    p.add_argument('--classes-per-iter', type=positive_int, default=16, help='classes drawn per iteration, over all processes')
+    p.add_argument('--images-per-class', type=positive_int, default=1, help='images drawn per drawn class')
+    p.add_argument('--tau', type=float_range(), default=0.0, help='class distribution p ~ min(n, 100)^tau (0: uniform, the paper)')
+    p.add_argument('--rois-per-image', type=positive_int, default=512, help='R-CNN RoIs sampled per image')
+    p.add_argument('--positive-fraction', type=float_range(0, 1, lo_open=True), default=0.25, help='at most this fraction of them foreground')
+    p.add_argument('--neg-iou-floor', type=float_range(0, 0.5), default=None, help="negatives need IoU >= this (release: 0.1; default: "
                    "the detector's setting)")
-    p.add_argument('--hflip-prob', type=float, default=0.5, help='horizontal flip probability')
-    p.add_argument('--hidden', type=int, default=None, help="hidden size of the head (default: the detector's representation size)")
+    p.add_argument('--hflip-prob', type=probability, default=0.5, help='horizontal flip probability')
+    p.add_argument('--hidden', type=positive_int, default=None, help="hidden size of the head (default: the detector's representation size)")
     p.add_argument('--protocol', default=None, choices=sorted(PROTOCOLS), help="protocol whose dual threshold T is recorded "
                    "(default: the detector preset's)")
-    p.add_argument('--seed', type=int, default=0, help='seed of the draws, flips, RoI sampling and head initialisation')
-    p.add_argument('--checkpoint-every', type=int, default=1000, help='iterations between checkpoints')
+    p.add_argument('--seed', type=non_negative_int, default=0, help='seed of the draws, flips, RoI sampling and head initialisation')
+    p.add_argument('--checkpoint-every', type=positive_int, default=1000, help='iterations between checkpoints')
     p.add_argument('--resume', action='store_true', help='continue from the heads\' calibration.pt files (exactly) if they exist; all heads together')
-    p.add_argument('--num-workers', type=int, default=0, help='image-loading processes per rank')
-    p.add_argument('--log-every', type=int, default=1, help='iterations per line of calibration_log.jsonl')
-    p.add_argument('--device', default=None, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (one process per node; default: this rank's GPU if any)")
+    p.add_argument('--num-workers', type=non_negative_int, default=0, help='image-loading processes per rank')
+    p.add_argument('--log-every', type=positive_int, default=1, help='iterations per line of calibration_log.jsonl')
+    p.add_argument('--device', default=None, type=device_option, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (one process per node; default: this rank's GPU if any)")
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    add_allow_argument(p, ('degenerate-boxes', 'invalid-polygons'))
 
 def run_calibrate(args) -> int:
     "Run `simcal calibrate`."
     from simcal.data import load_detection_dataset
+    if args.lr_steps:
+        if args.lr_steps != sorted(set(args.lr_steps)): raise InputError('--lr-steps', f'steps must increase, got {args.lr_steps}')
+        late = [s for s in args.lr_steps if s >= args.iters]
+        # a step at or after the end does nothing in this run, but does when the run is resumed with more --iters
+        # (the first part of a longer schedule): said, not refused
+        if late and int(os.environ.get('RANK', 0)) == 0:
+            print(f"simcal calibrate: note: --lr-steps {' '.join(map(str, late))} at or after the end of this run "
+                  f"({args.iters} iterations): they apply only if it is resumed with more --iters", file=sys.stderr)
     try:
         info = init_distributed(args.device)
         model, meta = load_detector(args.detector, device=info.device)
         detector = as_detector(model, meta)
-        dataset = load_detection_dataset(args.train_ann, args.image_root, train=True, masks=False)  # calibration reads boxes and labels only
+        dataset = load_detection_dataset(args.train_ann, args.image_root, train=True, masks=False, allow=args.allow)  # calibration reads boxes and labels only
         check_dataset_classes(meta, dataset, args.detector, exact=True)
         protocol = args.protocol or preset_protocol(meta)
         detector_info = {'checkpoint': str(args.detector), 'sha256': file_sha256(args.detector), 'preset': meta.get('preset'),

@@ -40,13 +40,20 @@ def save_checkpoint(path, # destination file (written atomically)
     with atomic_write(path, 'wb') as f: torch.save(obj, f)
     return Path(path)
 
+def _first_line(e:BaseException) -> str:
+    "The first line of an exception's message (its type when the message is empty), at most 200 characters."
+    lines = str(e).strip().splitlines()
+    return f'{type(e).__name__}: {lines[0][:200]}' if lines else type(e).__name__
+
 def load_checkpoint(path, map_location='cpu') -> dict:
     "Read a checkpoint with `weights_only=True`; `InputError` for a missing, unreadable or foreign file."
     path = Path(path)
     if not path.is_file(): raise InputError(path, 'checkpoint not found')
+    if path.stat().st_size == 0: raise InputError(path, 'not a checkpoint: the file is empty')
     try: obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise InputError(path, f'not a readable checkpoint (corrupt or truncated file?): {str(e).splitlines()[0][:200]}') from None
+    except Exception as e:   # torch.load of a foreign file raises anything from KeyError to UnpicklingError
+        raise InputError(path, f'not a readable PyTorch checkpoint (a corrupt, truncated or other kind of file?): '
+                               f'{_first_line(e)}') from None
     if not isinstance(obj, dict) or obj.get('format') != CHECKPOINT_FORMAT:
         what = f"format {obj.get('format')!r}" if isinstance(obj, dict) and 'format' in obj else 'no simcal format tag'
         raise InputError(path, f'not a simcal detector checkpoint ({what}; expected {CHECKPOINT_FORMAT!r})')

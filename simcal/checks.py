@@ -23,6 +23,8 @@ ALLOW = {
     'negative-scores': "detections scored below 0 (ranked as they are)",
     'foreign-stats': "training statistics (--stats) whose categories differ from the ground truth's (ids, or names "
                      "where both have them); categories missing from them count as 0 training instances",
+    'other-detector': "a calibration head whose checkpoint records another detector checkpoint (SHA-256) than the one "
+                      "it is attached to (heads converted from the release record none and are not checked)",
 }
 
 def parse_allow(allow) -> frozenset:

@@ -4,14 +4,14 @@
 
 # %% ../nbs/00_core.ipynb #5fac2cfc
 from __future__ import annotations
-import argparse, contextlib, json, math, os, tempfile
+import argparse, contextlib, json, math, os, re, tempfile
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'positive_int', 'non_negative_int', 'positive_float', 'non_negative_float', 'probability', 'TABLES',
            'Protocol', 'bin_edges', 'bin_index', 'bin_label', 'InputError', 'atomic_write', 'save_json', 'load_json',
-           'int_range', 'float_range', 'writable_file', 'writable_dir', 'table_path']
+           'int_range', 'float_range', 'writable_file', 'writable_dir', 'device_option', 'table_path']
 
 # %% ../nbs/00_core.ipynb #9e42164c
 @dataclass(frozen=True)
@@ -173,6 +173,15 @@ def writable_dir(text:str) -> Path:
     if not text: raise argparse.ArgumentTypeError("must be a folder path, got ''")
     p = Path(text); _check_writable(p, folder=True)
     return p
+
+# %% ../nbs/00_core.ipynb #3d1e41ec
+_DEVICE_FORM = re.compile(r'(auto|cpu|mps|cuda(:[0-9]+)?)')
+
+def device_option(text:str) -> str:
+    "argparse type of `--device`: 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (availability is checked when the run starts)."
+    if not _DEVICE_FORM.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got {text!r}")
+    return text
 
 # %% ../nbs/00_core.ipynb #09451850
 TABLES = {

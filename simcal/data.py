@@ -18,8 +18,9 @@ from .checks import add_allow_argument, check_categories, check_ground_truth, ch
 
 # %% auto #0
 __all__ = ['LabelMap', 'validate_annotations', 'is_lvis', 'CategoryStats', 'segmentation_to_mask', 'DetectionDataset',
-           'COCODataset', 'LVISDataset', 'load_detection_dataset', 'collate_detection', 'rebuild_coco_lt',
-           'configure_stats_parser', 'run_stats', 'configure_coco_lt_parser', 'run_coco_lt']
+           'COCODataset', 'LVISDataset', 'load_detection_dataset', 'collate_detection', 'Uint8Items', 'uint8_items',
+           'image_to_device', 'rebuild_coco_lt', 'configure_stats_parser', 'run_stats', 'configure_coco_lt_parser',
+           'run_coco_lt']
 
 # %% ../nbs/01_data.ipynb #52ac33e7
 class LabelMap:
@@ -476,6 +477,25 @@ def load_detection_dataset(ann_file, # LVIS or COCO annotation JSON
 def collate_detection(batch): # list of (image, target) items
     "Collate detection items into `(images, targets)`, a tuple of lists (images differ in size)."
     return tuple(list(x) for x in zip(*batch)) if batch else ([], [])
+
+# %% ../nbs/01_data.ipynb #c4325246
+class Uint8Items(Dataset):
+    "A dataset's items with the image left `uint8` (3 x H x W): `(image, target)`; `image_to_device` makes it float."
+    def __init__(self, dataset): self.dataset = dataset
+    def __len__(self): return len(self.dataset)
+    def __getitem__(self, idx:int): return self.dataset.load_image(idx), self.dataset.target(idx)
+
+def uint8_items(dataset):
+    "`Uint8Items(dataset)` for a simcal dataset without transforms (they take float images), else the dataset itself."
+    ok = all(hasattr(dataset, a) for a in ('load_image', 'target')) and getattr(dataset, 'transforms', None) is None
+    return Uint8Items(dataset) if ok else dataset
+
+def image_to_device(image:torch.Tensor, # uint8 (as the loaders send it) or float image
+                    device, # where the model runs
+                   ) -> torch.Tensor:
+    "The image on `device` as float in [0, 1]; a `uint8` image is copied as it is and converted there."
+    x = image.to(device, non_blocking=True)
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 # %% ../nbs/01_data.ipynb #d26170b0
 def _read_id_table(image_ids, path):

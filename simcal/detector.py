@@ -9,6 +9,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 from torchvision.ops import boxes as box_ops
+from .data import image_to_device
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'hflip_batch', 'DetectorAdapter', 'register_adapter', 'as_detector', 'train_proposal_counts',
@@ -215,7 +216,7 @@ class MaskRCNNAdapter(DetectorAdapter):
         for img, t, f in zip(images, targets, flips):
             t = {'boxes': t['boxes'].float(), 'labels': t['labels'].long()}
             if f: (img,), (t,) = hflip_batch([img], [t], [True])
-            imgs.append(img.to(device)); tgts.append({k: v.to(device) for k, v in t.items()})
+            imgs.append(image_to_device(img, device)); tgts.append({k: v.to(device) for k, v in t.items()})
         image_list, tgts = model.transform(imgs, tgts)
         features = model.backbone(image_list.tensors)
         if isinstance(features, torch.Tensor): features = OrderedDict([('0', features)])

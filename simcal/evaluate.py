@@ -820,14 +820,15 @@ class BinnedEvaluator:
         "Add the detections of some images."
         for r in results: self._by_image.setdefault(r['image_id'], []).append(r)
 
-    def gather(self) -> list:
-        "All ranks' detections (every rank gets them); the first rank that reported an image wins."
+    def gather(self) -> list|None:
+        "All ranks' detections on rank 0 (`None` on the others: no rank holds another's); the first rank that reported an image wins."
         parts = [self._by_image]
         try: import torch.distributed as dist
         except ImportError: dist = None
         if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, self._by_image)
+            parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(self._by_image, parts, dst=0)
+            if parts is None: return None
         merged = {}
         for part in parts:
             for img, recs in part.items(): merged.setdefault(img, recs)
@@ -836,12 +837,7 @@ class BinnedEvaluator:
     def evaluate(self) -> dict|None:
         "`{iou_type: metrics}` on rank 0, `None` on the other ranks."
         records = self.gather()
-        rank = 0
-        try:
-            import torch.distributed as dist
-            if dist.is_available() and dist.is_initialized(): rank = dist.get_rank()
-        except ImportError: pass
-        if rank != 0: return None
+        if records is None: return None
         return {t: evaluate_detections(self.gt, records, t, results_name='gathered detections', **self.kwargs)
                 for t in self.iou_types}
 

@@ -9,6 +9,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 from .htc import HTCRoIHeads, refine_boxes, sample_stage
+from .data import image_to_device
 from .detector import (DetectorAdapter, hflip_batch, register_adapter, roi_sampling_settings,
                              train_proposal_counts)
 
@@ -67,7 +68,7 @@ class HTCAdapter(DetectorAdapter):
         for img, t, f in zip(images, targets, flips):
             t = {'boxes': t['boxes'].float(), 'labels': t['labels'].long()}
             if f: (img,), (t,) = hflip_batch([img], [t], [True])
-            imgs.append(img.to(device)); tgts.append({k: v.to(device) for k, v in t.items()})
+            imgs.append(image_to_device(img, device)); tgts.append({k: v.to(device) for k, v in t.items()})
         with torch.no_grad():
             image_list, tgts = model.transform(imgs, tgts)
             features = model.backbone(image_list.tensors)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from .comm import get_rank, get_world_size, gather_to_main
 from .checkpoint import unwrap
+from .data import image_to_device
 
 # %% auto #0
 __all__ = ['masks_to_rles', 'detections_to_results', 'split_results', 'ImagesOnly', 'images_only', 'run_inference']
@@ -60,7 +61,7 @@ class ImagesOnly(torch.utils.data.Dataset):
     def __init__(self, dataset): self.dataset = dataset
     def __len__(self): return len(self.dataset)
     def __getitem__(self, i):
-        return self.dataset.load_image(i).float().div_(255), {'image_id': int(self.dataset.image_info(i)['id'])}
+        return self.dataset.load_image(i), {'image_id': int(self.dataset.image_info(i)['id'])}
 
 def images_only(dataset):
     "`ImagesOnly(dataset)` where the dataset can read an image alone (no transforms), else the dataset itself."
@@ -103,7 +104,7 @@ def run_inference(model:nn.Module, # a detector (eval mode is set here)
     try:
         for images, targets in tqdm(loader, disable=not (progress and rank == 0), desc='inference', dynamic_ncols=True):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                outputs = net([im.to(device, non_blocking=True) for im in images])
+                outputs = net([image_to_device(im, device) for im in images])   # uint8 images: float there
             for out, t in zip(outputs, targets):
                 results += detections_to_results({k: v.float() for k, v in out.items()}, t['image_id'], label_map, mask_thresh)
     finally:

@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from .core import InputError
 
 # %% auto #0
-__all__ = ['MMDET_V1_MAX_RATIO', 'NORMS', 'MODEL_FIELDS', 'PRESETS', 'AgnosticBoxPredictor', 'ClasswiseBoxPredictor',
-           'init_box_predictor', 'AgnosticMaskPredictor', 'mask_probabilities', 'mask_loss', 'Float32BoxCoder',
-           'Float32AnchorGenerator', 'MaxIoUMatcher', 'SimCalRoIHeads', 'rcnn_box_losses', 'anchor_inside_flags',
-           'SimCalRPN', 'legacy_to_frame', 'frame_to_legacy', 'legacy_base_anchors', 'LegacyAnchorGenerator',
-           'LegacyBoxCoder', 'legacy_resize_scale', 'LegacyTransform', 'use_legacy_numerics', 'NormEvalBatchNorm2d',
-           'norm_layer_for', 'build_backbone', 'build_mask_rcnn', 'load_backbone_weights', 'DetectorPreset',
-           'build_detector']
+__all__ = ['MMDET_V1_MAX_RATIO', 'NORMS', 'UNIT_SETTINGS', 'ZERO_OK_SETTINGS', 'MODEL_FIELDS', 'PRESETS', 'AgnosticBoxPredictor',
+           'ClasswiseBoxPredictor', 'init_box_predictor', 'AgnosticMaskPredictor', 'mask_probabilities', 'mask_loss',
+           'Float32BoxCoder', 'Float32AnchorGenerator', 'MaxIoUMatcher', 'SimCalRoIHeads', 'rcnn_box_losses',
+           'anchor_inside_flags', 'SimCalRPN', 'legacy_to_frame', 'frame_to_legacy', 'legacy_base_anchors',
+           'LegacyAnchorGenerator', 'LegacyBoxCoder', 'legacy_resize_scale', 'LegacyTransform', 'use_legacy_numerics',
+           'NormEvalBatchNorm2d', 'norm_layer_for', 'build_backbone', 'build_mask_rcnn', 'load_backbone_weights',
+           'DetectorPreset', 'build_detector']
 
 # %% ../nbs/04_model.ipynb #cb57b87c
 class AgnosticBoxPredictor(nn.Module):
@@ -492,6 +492,34 @@ def load_backbone_weights(model:MaskRCNN, # a model from `build_mask_rcnn`
     return model
 
 # %% ../nbs/04_model.ipynb #33350947
+# settings that are fractions, probabilities or IoUs: in [0, 1]; counts and sizes that may be 0; the other
+# numbers must be > 0 (integers) or >= 0 (real numbers)
+UNIT_SETTINGS = {'rpn_nms_thresh', 'rpn_min_pos_iou', 'box_positive_fraction', 'box_min_pos_iou', 'neg_iou_floor',
+                 'box_score_thresh', 'box_nms_thresh', 'warmup_ratio', 'momentum', 'lr_gamma', 'hflip_prob'}
+ZERO_OK_SETTINGS = {'trainable_layers', 'mask_head_convs', 'warmup_iters'}
+
+def _check_setting(preset:str, name:str, v, annotation:str):
+    "`ValueError` naming the preset setting when `v` is not of its declared type and range (e.g. from `--set name=v`)."
+    kinds = [t.strip() for t in str(annotation).split('|')]
+    real = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if v is None: ok, what = 'None' in kinds, 'a value'
+    elif 'bool' in kinds: ok, what = isinstance(v, bool), 'true or false'
+    elif 'int' in kinds:
+        lo = 0 if name in ZERO_OK_SETTINGS else 1
+        ok, what = real and float(v).is_integer() and v >= lo, f'an integer >= {lo}'
+    elif 'float' in kinds:
+        unit = name in UNIT_SETTINGS
+        ok = real and math.isfinite(v) and (0 <= v <= 1 if unit else v >= 0)
+        what = 'a number in [0, 1]' if unit else 'a finite number >= 0'
+    elif 'str' in kinds: ok, what = isinstance(v, str), 'a string'
+    elif 'tuple' in kinds:
+        def items_ok(xs): return isinstance(xs, (tuple, list)) and (all(isinstance(x, str) for x in xs) or all(
+            (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0) or items_ok(x)
+            for x in xs))
+        ok, what = items_ok(v), 'a list of positive numbers (or of names, or of such lists)'
+    else: ok, what = True, ''
+    if not ok: raise ValueError(f"preset {preset!r}: setting {name} must be {what}, got {v!r}")
+
 MODEL_FIELDS = ('backbone', 'class_agnostic', 'norm', 'trainable_layers', 'fpn_channels', 'box_head_dim',
                 'mask_head_convs', 'mask_head_channels', 'min_size', 'max_size', 'anchor_sizes', 'anchor_ratios',
                 'rpn_pre_nms_top_n_train', 'rpn_post_nms_top_n_train', 'rpn_pre_nms_top_n_test',
@@ -553,6 +581,7 @@ class DetectorPreset:
     hflip_prob: float = 0.5
 
     def __post_init__(self):
+        for f in dataclasses.fields(self): _check_setting(self.name, f.name, getattr(self, f.name), f.type)
         if (self.epochs is None) == (self.iters is None):
             raise ValueError(f"preset {self.name!r}: set exactly one of epochs and iters")
         if self.norm not in NORMS: raise ValueError(f"preset {self.name!r}: norm must be one of {NORMS}")

@@ -12,6 +12,7 @@ from torchvision.ops import box_iou
 from .core import InputError
 from .comm import get_rank, get_world_size, gather_to_main
 from .checkpoint import unwrap
+from .data import image_to_device
 from .detector import as_detector
 from .inference import detections_to_results
 
@@ -202,7 +203,7 @@ def run_props_gt(model:nn.Module, # a detector (eval mode is set here)
         with PropsGT(net, score, iou_thresh, legacy_iou=legacy_iou) as oracle:
             for images, targets in tqdm(loader, disable=not (progress and rank == 0), desc='Props-GT', dynamic_ncols=True):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    outputs = oracle([im.to(device) for im in images], targets)
+                    outputs = oracle([image_to_device(im, device) for im in images], targets)
                 for out, t in zip(outputs, targets):
                     results += detections_to_results({k: v.float() for k, v in out.items()}, t['image_id'], label_map, mask_thresh)
     finally:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import collections, json, math, os, re, shlex, shutil, subprocess, sys, threading, time
 from pathlib import Path
-from .core import save_json, load_json, InputError, atomic_write
+from .core import save_json, load_json, InputError, atomic_write, writable_dir
 
 # %% auto #0
 __all__ = ['PAPER_COLUMNS', 'PAPER_LVIS', 'PAPER_COCO_LT', 'PAPER_T_SWEEP', 'PAPER_HEADS', 'PAPER_CAL_STEPS_AP', 'PAPER_BIN_BASE',
@@ -273,8 +273,9 @@ def train_base(train_ann, image_root, out, # training annotations, their image f
                **launch, # nproc, nnodes, rdzv_endpoint
               ) -> Path:
     "Train the base detector with `simcal train`; returns the final checkpoint."
+    # --force: this step owns `out`; a run of other settings there is replaced whole (`simcal train` refuses otherwise)
     args = ['train', '--train-ann', train_ann, '--image-root', image_root, '--preset', preset, '--out', out,
-            *(['--iters', iters] if iters else []), *extra]
+            *(['--iters', iters] if iters else []), *extra, '--force']
     def summary():
         r = _last_jsonl(Path(out) / 'metrics.jsonl')
         return f"{r.get('iter', '?')} iterations, loss {r['loss']:.3f}" if 'loss' in r else 'done'
@@ -455,8 +456,8 @@ def timing_table(steps:list, notebooks:dict, total:float) -> str:
     return '\n'.join(rows)
 
 def configure_repro_parser(p):
-    p.add_argument('--out', default='figures', help='folder for tables, figures and the executed notebooks')
-    p.add_argument('--work-dir', default='runs', help='folder for the dataset, checkpoints and raw results')
+    p.add_argument('--out', default='figures', type=writable_dir, help='folder for tables, figures and the executed notebooks')
+    p.add_argument('--work-dir', default='runs', type=writable_dir, help='folder for the dataset, checkpoints and raw results')
     p.add_argument('--notebooks', default=None, help='folder of the reproduction notebooks (default: nbs/paper)')
     p.add_argument('--only', nargs='*', choices=REPRO_NOTEBOOKS, default=None, help='run only these notebooks')
     p.add_argument('-p', '--param', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'),

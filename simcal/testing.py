@@ -5,16 +5,25 @@
 # %% ../nbs/09_testing.ipynb #16c17af3
 from __future__ import annotations
 import argparse
+import torch
 from pathlib import Path
-from .core import InputError, PROTOCOLS, save_json
+from .core import (InputError, PROTOCOLS, save_json, load_json, positive_int, non_negative_int, non_negative_float,
+                         probability, float_range, device_option, writable_dir)
+from .checks import add_allow_argument, parse_allow
 from .comm import init_distributed, cleanup_distributed, is_main_process
 from .checkpoint import load_detector, check_classes, meta_train_stats, preset_protocol
 from .inference import run_inference, split_results
-from .calibration import attach_calibration
+from .calibration import attach_calibration, load_calibration, file_sha256
+from .detector import as_detector
+from .longtail import (CorrectionScorer, HeadScorer, counts_per_label, tau_norm_head, heldout_split,
+                             search_hyperparameter, NORCAL_GAMMAS, LOGIT_ADJUSTMENT_TAUS, TAU_NORM_TAUS)
+from .retrain import attach_retrained
+from .comm import all_gather_objects
 from .oracle import add_oracle_arguments, run_oracle
 
 # %% auto #0
-__all__ = ['configure_test_parser', 'test_detector', 'run_test']
+__all__ = ['CORRECTION_GRIDS', 'DEFAULT_STRENGTH', 'configure_test_parser', 'check_head_detector', 'test_detector', 'run_test',
+           'correction_scorer', 'search_correction_strength']
 
 # %% ../nbs/09_testing.ipynb #5a574e41
 def configure_test_parser(parser:argparse.ArgumentParser) -> None:
@@ -23,42 +32,100 @@ def configure_test_parser(parser:argparse.ArgumentParser) -> None:
     p.add_argument('--checkpoint', required=True, help='model checkpoint written by simcal train')
     p.add_argument('--ann', required=True, help='annotations of the evaluation set (LVIS or COCO JSON)')
     p.add_argument('--image-root', required=True, help='folder the image paths of --ann are relative to')
-    p.add_argument('--out', required=True, help='output folder: results.json (boxes), results_segm.json (masks), metrics.json')
-    p.add_argument('--score-thresh', type=float, default=None, help="score threshold (default: the model's; LVIS 0.0)")
-    p.add_argument('--max-dets', type=int, default=None, help="detections per image (default: the model's; LVIS 300)")
+    p.add_argument('--out', required=True, type=writable_dir, help='output folder: results.json (boxes), results_segm.json (masks), metrics.json')
+    p.add_argument('--score-thresh', type=probability, default=None, help="score threshold (default: the model's; LVIS 0.0)")
+    p.add_argument('--max-dets', type=positive_int, default=None, help="detections per image (default: the model's; LVIS 300)")
     p.add_argument('--protocol', default=None, choices=sorted(PROTOCOLS), help="evaluation protocol and bins (default: the preset's)")
     p.add_argument('--stats', default=None, help='training statistics for the bins: training annotations or a shipped table '
                    '(default: the counts stored in the checkpoint)')
     p.add_argument('--iou-types', nargs='+', default=['bbox', 'segm'], choices=['bbox', 'segm'], help='what to evaluate')
     p.add_argument('--no-eval', action='store_true', help='only write results.json')
     p.add_argument('--cal-head', default=None, help='calibration head checkpoint (simcal calibrate); enables --mode')
-    p.add_argument('--mode', default='dual', choices=['orig', 'cal', 'dual', 'avg'], help='how to combine the heads (with --cal-head)')
+    p.add_argument('--mode', default=None, choices=['orig', 'cal', 'dual', 'avg'], help="how to combine the heads (needs --cal-head; default with it: 'dual')")
     add_oracle_arguments(p)
-    p.add_argument('--dual-threshold', type=float, default=None, help="classes with fewer training instances take the calibrated scores (default: the T stored with the calibration head)")
-    p.add_argument('--batch-size', type=int, default=1, help='images per forward pass and process')
-    p.add_argument('--num-workers', type=int, default=2, help='data-loading processes per rank')
+    p.add_argument('--dual-threshold', type=non_negative_float, default=None, help="classes with fewer training instances take the calibrated scores (default: the T stored with the calibration head)")
+    p.add_argument('--batch-size', type=positive_int, default=1, help='images per forward pass and process')
+    p.add_argument('--num-workers', type=non_negative_int, default=2, help='data-loading processes per rank')
     p.add_argument('--amp', action='store_true', help='autocast: FP16 on GPU, bfloat16 on CPU')
     p.add_argument('--segm-with-bbox', action='store_true', help='keep the box in the mask records (the release writes none, '
                    'so that the mask gives the area and empty masks are not evaluated)')
-    p.add_argument('--device', default=None, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (one process per node; default: this rank's GPU if any)")
+    p.add_argument('--device', default=None, type=device_option, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (one process per node; default: this rank's GPU if any)")
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    g = p.add_argument_group('other long-tail fixes of the classifier (instead of --cal-head)')
+    g.add_argument('--correction', default=None, choices=sorted(CORRECTION_GRIDS), help='an inference-only fix of the '
+                   "classifier: NorCal (image counts), logit adjustment (instance prior) or tau-norm of its weights")
+    g.add_argument('--strength', type=non_negative_float, default=None, help=f"NorCal's gamma or the tau of the others "
+                   f"(default {DEFAULT_STRENGTH}; 0: the detector's own scores)")
+    g.add_argument('--search-strength', action='store_true', help="choose --strength on held-out training images (box bAP "
+                   "over the method's grid), never on the evaluation set; needs --train-ann and --train-image-root")
+    g.add_argument('--train-ann', default=None, help='training annotations (for --search-strength)')
+    g.add_argument('--train-image-root', default=None, help='their image folder (for --search-strength)')
+    g.add_argument('--heldout-fraction', type=float_range(0, 1, lo_open=True), default=0.1,
+                   help='share of the training images held out for --search-strength')
+    g.add_argument('--retrained', default=None, help='a classifier re-trained on this detector by simcal retrain (cRT, LWS, BAGS)')
+    add_allow_argument(p, ('degenerate-boxes', 'invalid-polygons', 'foreign-stats', 'other-detector'))
+
+def check_head_detector(cal_head, # calibration checkpoint path
+                        checkpoint, # the detector checkpoint it is attached to
+                        allow=(), # 'other-detector': accept a head recorded for another detector
+                       ):
+    "`InputError` if a calibration checkpoint records another detector checkpoint (SHA-256) than `checkpoint`."
+    recorded = (load_calibration(cal_head).get('detector') or {}).get('sha256')
+    if recorded is None or 'other-detector' in parse_allow(allow): return
+    actual = file_sha256(checkpoint)
+    if recorded != actual:
+        raise InputError(cal_head, f"was calibrated on another detector checkpoint (SHA-256 {recorded[:12]}...) than "
+                         f"--checkpoint {checkpoint} ({actual[:12]}...): calibrate this detector, or --allow other-detector",
+                         field='detector.sha256')
 
 def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, max_dets=None, protocol=None, stats=None,
-                  iou_types=('bbox', 'segm'), evaluate=True, cal_head=None, mode='dual', dual_threshold=None,
+                  iou_types=('bbox', 'segm'), evaluate=True, cal_head=None, mode=None, dual_threshold=None,
                   batch_size=1, num_workers=2, amp=False, device=None, progress=True, segm_with_bbox=False,
-                  oracle=None, oracle_score='one') -> dict:
+                  oracle=None, oracle_score='one', allow=(), correction=None, strength=None, search_strength=False,
+                  train_ann=None, train_image_root=None, heldout_fraction=0.1, retrained=None) -> dict:
     "The whole of `simcal test`: `{'results': path, 'results_segm': path, 'metrics': path or None, 'num_results': n}` (rank 0)."
     from simcal.data import load_detection_dataset, LabelMap, CategoryStats
-    if oracle is not None and cal_head is not None:
-        raise InputError('--oracle', 'an oracle replaces the classifier: it cannot be combined with --cal-head')
+    changes = [o for o, v in (('--cal-head', cal_head), ('--oracle', oracle), ('--correction', correction),
+                              ('--retrained', retrained)) if v is not None]
+    if len(changes) > 1:
+        if changes[:2] == ['--cal-head', '--oracle']:
+            raise InputError('--oracle', 'an oracle replaces the classifier: it cannot be combined with --cal-head')
+        raise InputError(changes[1], f"one change of the classifier at a time: {' and '.join(changes)} were given")
+    if correction is None and (strength is not None or search_strength):
+        raise InputError('--strength' if strength is not None else '--search-strength', 'applies to a --correction')
+    if search_strength and strength is not None:
+        raise InputError('--strength', 'given together with --search-strength: pass one of them')
+    if search_strength and (train_ann is None or train_image_root is None):
+        raise InputError('--search-strength', 'needs the training set: pass --train-ann and --train-image-root')
+    if cal_head is None and mode not in (None, 'orig'):
+        raise InputError('--mode', f"{mode!r} combines the detector's head with a calibration head: pass --cal-head")
+    if cal_head is None and dual_threshold is not None:
+        raise InputError('--dual-threshold', 'applies to a calibration head: pass --cal-head')
+    mode = mode or 'dual'
     info = init_distributed(device)
     model, meta = load_detector(checkpoint, device=info.device)
     label_map = LabelMap(meta['category_ids'], dict(zip(meta['category_ids'], meta.get('category_names') or [])) or None)
     check_classes(meta, LabelMap.from_file(ann), ann, checkpoint, exact=False)
-    ds = load_detection_dataset(ann, image_root, train=False, label_map=label_map)
+    ds = load_detection_dataset(ann, image_root, train=False, label_map=label_map, allow=allow)
     protocol = protocol or preset_protocol(meta)
-    train_stats = CategoryStats.from_table(stats) if stats is not None else meta_train_stats(meta)
+    train_stats = CategoryStats.from_table(stats, allow=allow) if stats is not None else meta_train_stats(meta)
     counts = train_stats.instance_counts if train_stats is not None else None
+    gt = None
+    if evaluate:   # the ground truth and the statistics are checked before any inference (no output of a doomed run)
+        from simcal.evaluate import GroundTruth, train_instance_counts
+        gt = GroundTruth(str(ann), allow=allow); gt.check()
+        train_instance_counts(train_stats, gt, allow)
+    if cal_head is not None: check_head_detector(cal_head, checkpoint, allow)
+    search = None
+    if correction is not None:
+        if search_strength:
+            search = search_correction_strength(model, correction, train_stats, label_map, train_ann, train_image_root,
+                                                fraction=heldout_fraction, val_image_ids=ds.image_ids, protocol=protocol,
+                                                batch_size=batch_size, num_workers=num_workers, device=info.device, amp=amp)
+            strength = search.best
+        strength = DEFAULT_STRENGTH if strength is None else float(strength)
+        as_detector(model, meta).install_scorer(correction_scorer(model, correction, strength, train_stats, label_map))
+    if retrained is not None: attach_retrained(model, retrained, category_ids=meta['category_ids'])
     if cal_head is not None:
         model = attach_calibration(model, cal_head, mode=mode, threshold=dual_threshold, instance_counts=counts,
                                    category_ids=meta['category_ids'])
@@ -73,7 +140,8 @@ def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, ma
         out_dir = Path(out_dir)
         boxes, segms = split_results(results, segm_with_bbox)
         out['results'] = save_json(boxes, out_dir / 'results.json')
-        if segms: out['results_segm'] = save_json(segms, out_dir / 'results_segm.json')
+        has_masks = getattr(getattr(model, 'roi_heads', None), 'has_mask', lambda: True)()
+        if segms or has_masks: out['results_segm'] = save_json(segms, out_dir / 'results_segm.json')
         if evaluate:
             try: from simcal.evaluate import evaluate_detections
             except ImportError: evaluate_detections = None
@@ -82,12 +150,17 @@ def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, ma
                 metrics = {'checkpoint': str(checkpoint), 'ann': str(ann), 'protocol': protocol,
                            'score_thresh': score_thresh, 'max_dets': max_dets,
                            'calibration': {'cal_head': str(cal_head), 'mode': mode, 'dual_threshold': dual_threshold} if cal_head else None,
-                           'oracle': {'oracle': oracle, 'score': oracle_score} if oracle else None}
+                           'oracle': {'oracle': oracle, 'score': oracle_score} if oracle else None,
+                           'correction': {'method': correction, 'strength': strength, 'search': None if search is None else
+                                          {'scores': {str(k): v for k, v in search.scores.items()}, 'score': 'bbox bAP',
+                                           'heldout_images': len(search.heldout_ids), 'fraction': heldout_fraction}}
+                                         if correction else None,
+                           'retrained': str(retrained) if retrained else None}
                 metrics['segm_with_bbox'] = bool(segm_with_bbox)
                 for t in iou_types:
                     src = out['results_segm'] if t == 'segm' else out['results']
                     if src is None: raise InputError(checkpoint, 'the model gives no masks: evaluate with --iou-types bbox', field='iou_types')
-                    metrics[t] = evaluate_detections(str(ann), str(src), iou_type=t, protocol=protocol, stats=train_stats)
+                    metrics[t] = evaluate_detections(gt, str(src), iou_type=t, protocol=protocol, stats=train_stats, allow=allow)
                 out['metrics'] = save_json(metrics, out_dir / 'metrics.json', indent=1)
     return out
 
@@ -99,9 +172,72 @@ def run_test(args) -> int:
                             evaluate=not args.no_eval, cal_head=args.cal_head, mode=args.mode,
                             dual_threshold=args.dual_threshold, batch_size=args.batch_size, num_workers=args.num_workers,
                             amp=args.amp, device=args.device, progress=not args.no_progress,
-                            segm_with_bbox=args.segm_with_bbox, oracle=args.oracle, oracle_score=args.oracle_score)
+                            segm_with_bbox=args.segm_with_bbox, oracle=args.oracle, oracle_score=args.oracle_score,
+                            allow=args.allow, correction=args.correction, strength=args.strength,
+                            search_strength=args.search_strength, train_ann=args.train_ann,
+                            train_image_root=args.train_image_root, heldout_fraction=args.heldout_fraction,
+                            retrained=args.retrained)
         if is_main_process():
             print(f"{res['num_results']} detections -> {res['results']}" + (f"; metrics -> {res['metrics']}" if res['metrics'] else ''))
     finally:
         cleanup_distributed()
     return 0
+
+# %% ../nbs/09_testing.ipynb #85851a07
+CORRECTION_GRIDS = {'norcal': NORCAL_GAMMAS, 'logit_adjustment': LOGIT_ADJUSTMENT_TAUS, 'tau_norm': TAU_NORM_TAUS}
+DEFAULT_STRENGTH = 1.0   # logit adjustment (Menon et al.) and tau-norm (Kang et al.); NorCal's gamma is searched
+
+def correction_scorer(model, # a detector with a registered adapter (`simcal.detector`)
+                      method:str, # 'norcal', 'logit_adjustment' or 'tau_norm'
+                      strength:float=DEFAULT_STRENGTH, # NorCal's gamma or the tau of the others; 0: the original scores
+                      stats=None, # the training set's `CategoryStats` (NorCal: image counts; logit adjustment: instances)
+                      label_map=None, # the detector's labels (default: the statistics' categories)
+                     ):
+    "An inference-only fix of the long-tail classifier as a scorer for the detector adapter's `install_scorer`."
+    if method not in CORRECTION_GRIDS: raise InputError('--correction', f"unknown method {method!r}; known: {', '.join(CORRECTION_GRIDS)}")
+    det = as_detector(model)
+    if method == 'tau_norm':   # the detector's own classification path, its classifier tau-normalised, stage by stage
+        heads = []
+        for k in range(det.num_stages):
+            fcs, cls = det.classification_path(k)
+            if len(fcs) != 2: raise InputError('--correction', f"tau_norm re-uses a two-fc box head; the detector's has {len(fcs)} fc layers")
+            heads.append(tau_norm_head(fcs[0], fcs[1], cls, strength, det.feature_shape()))
+        return HeadScorer(heads).to(det.device)
+    if stats is None: raise InputError('--stats', f"{method} needs the training statistics: the checkpoint records none, pass --stats")
+    counts = counts_per_label(stats, 'image' if method == 'norcal' else 'instance', label_map)
+    return CorrectionScorer(method, strength, counts).to(det.device)
+
+# %% ../nbs/09_testing.ipynb #47ea92e6
+def search_correction_strength(model, # the detector (a scorer is installed and removed here)
+                               method:str, # 'norcal', 'logit_adjustment' or 'tau_norm'
+                               stats, label_map, # training statistics and the detector's labels
+                               train_ann, train_image_root, # the training set: a split of it is held out
+                               fraction:float=0.1, seed:int=0, # the held-out split (`simcal.longtail.heldout_split`)
+                               val_image_ids=(), # the evaluation images: none may be held out (refused)
+                               protocol:str='lvis', values=None, # bins of the score; the grid (default: the method's)
+                               **inference, # run_inference options (batch_size, num_workers, device, amp)
+                              ):
+    "`SearchResult` of the method's strength by box bAP on held-out training images (every rank gets the best value)."
+    from simcal.data import load_detection_dataset
+    from simcal.evaluate import evaluate_detections
+    train = load_detection_dataset(train_ann, train_image_root, train=False, label_map=label_map)
+    c2i = {lab: [train.image_ids[k] for k in idx] for lab, idx in train.class_to_indices().items()}
+    split = heldout_split(train.image_ids, fraction, seed, val_image_ids=val_image_ids, class_to_image_ids=c2i)
+    held = set(split.heldout_ids)
+    subset = torch.utils.data.Subset(train, [k for k, i in enumerate(train.image_ids) if i in held])
+    data = load_json(train_ann, 'annotation file')
+    gt = {**data, 'images': [im for im in data['images'] if im['id'] in held],
+          'annotations': [a for a in data['annotations'] if a['image_id'] in held]}
+    det = as_detector(model)
+    def score(v, ids):
+        det.install_scorer(correction_scorer(model, method, v, stats, label_map))
+        try: res = run_inference(model, subset, label_map=label_map, progress=False, **inference)
+        finally: det.remove_scorer()
+        if not is_main_process(): return 0.0
+        m = evaluate_detections(gt, res, 'bbox', protocol=protocol, stats=stats, results_name='held-out detections')
+        return m['bAP'] if m['bAP'] is not None else m['AP']
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # held-out images without some classes: bins with fewer categories
+        result = search_hyperparameter(score, values if values is not None else CORRECTION_GRIDS[method], split)
+    return all_gather_objects(result)[0]   # rank 0's search (the others scored nothing)

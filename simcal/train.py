@@ -10,16 +10,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from .core import InputError, atomic_write, save_json
+from .core import (InputError, atomic_write, save_json, load_json, positive_int, non_negative_int, positive_float,
+                         float_range, device_option, writable_dir)
+from .checks import add_allow_argument
 from .model import DetectorPreset, PRESETS, build_mask_rcnn, load_backbone_weights
 from .sampler import derived_seed
 from .comm import init_distributed, cleanup_distributed, barrier, is_main_process, seed_everything
 from .checkpoint import save_checkpoint, load_checkpoint, load_model_state, make_meta
 from .detector import hflip_batch
+from .data import image_to_device, uint8_items
 
 # %% auto #0
-__all__ = ['RESUME_KEYS', 'GroupedBatchSchedule', 'WarmupMultiStep', 'schedule_iters', 'step_seed', 'to_device', 'forward_losses',
-           'default_amp_dtype', 'train_detector', 'parse_overrides', 'configure_train_parser', 'run_train']
+__all__ = ['RESUME_KEYS', 'RUN_FILES', 'GroupedBatchSchedule', 'WarmupMultiStep', 'schedule_iters', 'step_seed', 'to_device',
+           'forward_losses', 'default_amp_dtype', 'run_files', 'claim_work_dir', 'train_detector', 'parse_overrides',
+           'configure_train_parser', 'run_train']
 
 # %% ../nbs/05_train.ipynb #a4d5d238
 class GroupedBatchSchedule(torch.utils.data.Sampler):
@@ -31,6 +35,7 @@ class GroupedBatchSchedule(torch.utils.data.Sampler):
                  start_iter:int=0, # first iteration yielded by __iter__ (resume point)
                  num_iters:int|None=None, # iterations yielded by __iter__ in total from iteration 0 (default: one epoch)
                  group_by_aspect:bool=True, # False: one group
+                 repeat_factors=None, # RFS: r_i >= 1 per dataset index (`simcal.sampler.image_repeat_factors`); None: each image once
                 ):
         if batch_per_gpu < 1: raise ValueError(f"batch_per_gpu must be >= 1, got {batch_per_gpu}")
         if not image_sizes: raise ValueError("no images to sample from")
@@ -38,7 +43,14 @@ class GroupedBatchSchedule(torch.utils.data.Sampler):
         for i, (h, w) in enumerate(image_sizes):
             self.groups.setdefault(int(w >= h) if group_by_aspect else 0, []).append(i)
         self.batch_per_gpu, self.world_size, self.rank, self.seed = batch_per_gpu, world_size, rank, seed
-        n_batches = sum(math.ceil(len(g) / batch_per_gpu) for g in self.groups.values())
+        self.repeat_factors = None if repeat_factors is None else np.asarray(repeat_factors, dtype=np.float64)
+        if self.repeat_factors is not None:
+            r = self.repeat_factors
+            if r.shape != (len(image_sizes),) or not np.all(np.isfinite(r)) or r.min() < 1:
+                raise ValueError(f"repeat_factors: one finite factor >= 1 per image ({len(image_sizes)}) expected")
+            # an epoch is as long as it is in expectation (sum of r_i per group), so that iterations map to epochs
+            n_batches = sum(math.ceil(round(r[g].sum()) / batch_per_gpu) for g in self.groups.values())
+        else: n_batches = sum(math.ceil(len(g) / batch_per_gpu) for g in self.groups.values())
         self.iters_per_epoch = math.ceil(n_batches / world_size)
         self.start_iter = start_iter
         self.num_iters = num_iters if num_iters is not None else self.iters_per_epoch
@@ -48,15 +60,23 @@ class GroupedBatchSchedule(torch.utils.data.Sampler):
         "All per-rank batches of an epoch, in dealing order (`iters_per_epoch x world_size` of them)."
         if self._cache[0] == epoch: return self._cache[1]
         rng = np.random.default_rng(derived_seed(self.seed, 7, epoch))
+        counts = None
+        if self.repeat_factors is not None:   # RFS: image i floor(r_i) times, once more with probability frac(r_i)
+            r = self.repeat_factors
+            counts = (np.floor(r) + (np.random.default_rng(derived_seed(self.seed, 8, epoch)).random(len(r))
+                                     < r - np.floor(r))).astype(np.int64)
         batches = []
         for key in sorted(self.groups):
-            g = np.array(self.groups[key])[rng.permutation(len(self.groups[key]))]
+            members = np.array(self.groups[key])
+            if counts is not None: members = np.repeat(members, counts[members])
+            g = members[rng.permutation(len(members))]
             pad = -len(g) % self.batch_per_gpu
             if pad: g = np.concatenate([g, rng.choice(g, pad)])
             batches += g.reshape(-1, self.batch_per_gpu).tolist()
         batches = [batches[i] for i in rng.permutation(len(batches))]
         extra = self.iters_per_epoch * self.world_size - len(batches)
-        batches += [batches[i] for i in rng.choice(len(batches), extra)] if extra else []
+        if extra > 0: batches += [batches[i] for i in rng.choice(len(batches), extra)]
+        elif extra < 0: batches = batches[:extra]   # RFS: an epoch drawn longer than expected is cut to its expected length
         self._cache = (epoch, batches)
         return batches
 
@@ -102,7 +122,7 @@ def forward_losses(model:nn.Module, # the detector in train mode (DDP-wrapped or
                   ) -> tuple[torch.Tensor, dict]:
     "One training forward pass: flips, device transfer, re-seeding, losses. Returns (total loss, loss terms)."
     flips = np.random.default_rng(step_seed(seed, iteration, rank, 1)).random(len(images)) < hflip_prob
-    images = [im.to(device, non_blocking=True) for im in images]
+    images = [image_to_device(im, device) for im in images]   # uint8 from the loader, float on the device
     targets = to_device(targets, device)
     images, targets = hflip_batch(images, targets, flips.tolist())   # on the device, after the (pinned) copy
     torch.manual_seed(step_seed(seed, iteration, rank, 2))
@@ -117,7 +137,47 @@ def default_amp_dtype(device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == 'cuda' else torch.bfloat16
 
 # %% ../nbs/05_train.ipynb #cc17db90
-RESUME_KEYS = ('model_config', 'category_ids', 'seed', 'global_batch', 'world_size', 'total_iters', 'lr', 'lr_steps_iters')
+RESUME_KEYS = ('model_config', 'category_ids', 'seed', 'global_batch', 'world_size', 'total_iters', 'lr', 'lr_steps_iters',
+               'repeat_threshold')
+
+RUN_FILES = ('config.json', 'metrics.jsonl', 'last_checkpoint', 'model_final.pth')   # and checkpoint_*.pth
+
+def run_files(out_dir) -> list[Path]:
+    "The files of a `simcal train` run in `out_dir` (nothing else there is touched)."
+    out_dir = Path(out_dir)
+    return sorted([p for p in (out_dir / n for n in RUN_FILES) if p.is_file()] + list(out_dir.glob('checkpoint_*.pth')))
+
+def _differences(old, new, prefix='') -> list[str]:
+    "The keys (dotted paths) where two JSON-like values differ."
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f'{prefix}{k}.')]
+    return [] if old == new else [prefix.rstrip('.') or '(all)']
+
+def claim_work_dir(out_dir, # the run's work directory
+                   config:dict, # the new run's config.json content
+                   force:bool=False, # remove an earlier run of other settings instead of refusing
+                   remove:bool=True, # remove the earlier run's files (the main process only)
+                  ) -> list[Path]:
+    """Make `out_dir` ready for a fresh run: an earlier run of the same settings is replaced; one of other settings is an
+    `InputError` (never half-overwritten), unless `force`. Returns the files removed."""
+    files = run_files(out_dir)
+    if not files: return []
+    cfg_file = Path(out_dir) / 'config.json'
+    try: old = load_json(cfg_file, 'run configuration') if cfg_file.is_file() else None
+    except InputError: old = None
+    fresh = json.loads(json.dumps(config))   # as it would be read back
+    # (`overrides` repeats what `preset` holds: the differences are named in the preset's settings)
+    diff = ['config.json missing or unreadable'] if old is None else \
+           [d for d in _differences(old, fresh) if not d.startswith('overrides')]
+    if diff and not force:
+        state = 'finished' if (Path(out_dir) / 'model_final.pth').is_file() else 'stopped'
+        raise InputError(out_dir, f"holds a {state} training run with other settings (differs in {', '.join(diff[:6])}"
+                         f"{', ...' if len(diff) > 6 else ''}): pass --resume to continue a run of the same settings, "
+                         "--force to replace it, or another --out")
+    if remove:
+        for p in files: p.unlink(missing_ok=True)
+    return files
 
 def _latest_checkpoint(out_dir:Path) -> Path|None:
     p = out_dir / 'last_checkpoint'
@@ -158,6 +218,9 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
                    device:str|None=None, # default: this rank's GPU, else CPU
                    progress:bool=True, # tqdm bar on rank 0
                    dataset=None, # an already built training dataset (else loaded from train_ann/image_root)
+                   allow=(), # annotation checks to skip (`simcal.checks.ALLOW`: 'degenerate-boxes', 'invalid-polygons')
+                   force:bool=False, # replace a run of other settings in out_dir (default: refuse)
+                   repeat_threshold:float|None=None, # RFS threshold t (LVIS paper: 0.001); None: every image once per epoch
                   ) -> dict:
     "Train the base Mask R-CNN (one process, or one rank of a torchrun job). Returns a summary (on every rank)."
     from simcal.data import load_detection_dataset, collate_detection
@@ -180,21 +243,28 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
     if epochs is not None: ov['epochs'] = int(epochs)
     if batch_per_gpu is not None: ov['images_per_gpu'] = int(batch_per_gpu)
     try: cfg = base.replace(**ov)
-    except ValueError as e: raise InputError('--set', str(e)) from None
-    ds = dataset if dataset is not None else load_detection_dataset(train_ann, image_root, train=True)
+    except (TypeError, ValueError) as e: raise InputError('--set', str(e)) from None
+    ds = dataset if dataset is not None else load_detection_dataset(train_ann, image_root, train=True, allow=allow)
     if len(ds) == 0: raise InputError(train_ann, 'no training images with annotations')
     num_classes = ds.label_map.num_classes
     if cfg.num_classes is not None and cfg.num_classes != num_classes and info.is_main:
         warnings.warn(f"preset {cfg.name!r} is for {cfg.num_classes} classes (C + 1); the training set has {num_classes}")
     global_batch = cfg.images_per_gpu * info.world_size
-    sched = GroupedBatchSchedule(ds.image_sizes(), cfg.images_per_gpu, info.world_size, info.rank, seed)
+    rfs = None
+    if repeat_threshold is not None:   # repeat-factor sampling (`simcal.sampler`), epochs of the expected RFS length
+        from simcal.sampler import image_repeat_factors
+        rfs = image_repeat_factors(ds.class_to_indices(), len(ds), float(repeat_threshold))
+    sched = GroupedBatchSchedule(ds.image_sizes(), cfg.images_per_gpu, info.world_size, info.rank, seed, repeat_factors=rfs)
     total, steps = schedule_iters(cfg, sched.iters_per_epoch)
     run_lr = float(lr) if lr is not None else cfg.lr_for(global_batch)
     run = {'seed': seed, 'global_batch': global_batch, 'world_size': info.world_size, 'total_iters': total,
            'lr': run_lr, 'lr_steps_iters': steps, 'iters_per_epoch': sched.iters_per_epoch, 'amp': bool(amp),
            'train_ann': Path(train_ann).name if train_ann else None}
+    if repeat_threshold is not None: run['repeat_threshold'] = float(repeat_threshold)
     stats = getattr(ds, 'stats', None)
     meta = make_meta(cfg, ds.label_map, overrides=ov, stats=stats, train=run)
+    config = {'preset': cfg.to_dict(), 'overrides': ov, 'train': run, 'num_classes': num_classes}
+    if not resume: claim_work_dir(out_dir, config, force=force, remove=info.is_main)
     # -- model, optimizer
     seed_everything(seed, info.rank)             # Python, numpy and torch generators of this rank
     torch.manual_seed(derived_seed(seed, 0))     # the same initial weights on every rank and world size
@@ -238,14 +308,14 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
           if info.distributed else model
     # -- data
     sched.start_iter, sched.num_iters = start, total
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sched, num_workers=num_workers, collate_fn=collate_detection,
+    loader = torch.utils.data.DataLoader(uint8_items(ds), batch_sampler=sched, num_workers=num_workers, collate_fn=collate_detection,
                                          pin_memory=info.device.type == 'cuda', persistent_workers=False)
     log_path = out_dir / 'metrics.jsonl'
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if start: _truncate_log(log_path, start)
         else: log_path.unlink(missing_ok=True)
-        save_json({'preset': cfg.to_dict(), 'overrides': ov, 'train': run, 'num_classes': num_classes}, out_dir / 'config.json', indent=1)
+        save_json(config, out_dir / 'config.json', indent=1)
     barrier()
     bar = tqdm(total=total, initial=start, disable=not (progress and info.is_main), desc='train', dynamic_ncols=True)
     ddp.train()
@@ -325,25 +395,31 @@ def configure_train_parser(parser:argparse.ArgumentParser) -> None:
     p.add_argument('--train-ann', required=True, help='training annotations (LVIS or COCO JSON)')
     p.add_argument('--image-root', required=True, help='folder the image paths of the annotations are relative to')
     p.add_argument('--preset', default='demo', choices=sorted(PRESETS), help='model and schedule preset')
-    p.add_argument('--out', required=True, help='work directory: checkpoints, metrics.jsonl, config.json')
+    p.add_argument('--out', required=True, type=writable_dir, help='work directory: checkpoints, metrics.jsonl, config.json')
+    p.add_argument('--force', action='store_true', help='replace a run of other settings in --out (its files only; '
+                   'default: refuse, so that a finished run is never half-overwritten)')
     g = p.add_mutually_exclusive_group()
-    g.add_argument('--iters', type=int, default=None, help="total iterations (default: the preset's schedule)")
-    g.add_argument('--epochs', type=int, default=None, help="total epochs (default: the preset's schedule)")
-    p.add_argument('--batch-per-gpu', type=int, default=None, help="images per process and iteration (default: the preset's)")
-    p.add_argument('--lr', type=float, default=None, help="learning rate of the run (default: the preset's, scaled linearly to the global batch)")
-    p.add_argument('--seed', type=int, default=0, help='seed of the initial weights, data order, flips and RoI sampling')
-    p.add_argument('--checkpoint-every', type=int, default=2000, help='iterations between checkpoints (0: final model only)')
+    g.add_argument('--iters', type=positive_int, default=None, help="total iterations (default: the preset's schedule)")
+    g.add_argument('--epochs', type=positive_int, default=None, help="total epochs (default: the preset's schedule)")
+    p.add_argument('--batch-per-gpu', type=positive_int, default=None, help="images per process and iteration (default: the preset's)")
+    p.add_argument('--lr', type=positive_float, default=None, help="learning rate of the run (default: the preset's, scaled linearly to the global batch)")
+    p.add_argument('--seed', type=non_negative_int, default=0, help='seed of the initial weights, data order, flips and RoI sampling')
+    p.add_argument('--checkpoint-every', type=non_negative_int, default=2000, help='iterations between checkpoints (0: final model only)')
     p.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CHECKPOINT',
                    help='continue a run: from CHECKPOINT, or without a value from the newest checkpoint in --out')
     p.add_argument('--amp', action='store_true', help='mixed precision: autocast FP16 + gradient scaler on GPU, bfloat16 on CPU')
     p.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'], help='autocast type of --amp (default: float16 on GPU, bfloat16 on CPU)')
     p.add_argument('--deterministic', action='store_true', help='deterministic algorithms: bitwise-reproducible on CPU; on GPU only cuDNN is made deterministic')
-    p.add_argument('--num-workers', type=int, default=2, help='data-loading processes per rank')
+    p.add_argument('--num-workers', type=non_negative_int, default=2, help='data-loading processes per rank')
     p.add_argument('--backbone-weights', default=None, help='ImageNet ResNet state dict (torchvision format) for presets that start from it')
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='NAME=VALUE', help='change preset settings (see simcal.model.DetectorPreset)')
-    p.add_argument('--log-every', type=int, default=20, help='iterations per line of metrics.jsonl')
-    p.add_argument('--device', default=None, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (one process per node; default: this rank's GPU if any)")
+    p.add_argument('--log-every', type=positive_int, default=20, help='iterations per line of metrics.jsonl')
+    p.add_argument('--device', default=None, type=device_option, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (one process per node; default: this rank's GPU if any)")
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--repeat-threshold', type=float_range(0, 1, lo_open=True), default=None, metavar='T',
+                   help="repeat-factor sampling (RFS, LVIS paper) with threshold T (the paper's: 0.001); default: none, "
+                        "every image once per epoch, as SimCal's base models")
+    add_allow_argument(p, ('degenerate-boxes', 'invalid-polygons'))
 
 def run_train(args) -> int:
     "Run `simcal train`."
@@ -354,7 +430,8 @@ def run_train(args) -> int:
                              amp_dtype=args.amp_dtype,
                              deterministic=args.deterministic, num_workers=args.num_workers,
                              backbone_weights=args.backbone_weights, log_every=args.log_every, device=args.device,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, allow=args.allow, force=args.force,
+                             repeat_threshold=args.repeat_threshold)
         if is_main_process():
             print(f"trained {res['iterations']} iterations in {res['seconds']:.0f} s (global batch {res['global_batch']}, "
                   f"lr {res['lr']:g}); model: {res['final']}")

@@ -1,7 +1,8 @@
-"""Bad input through the command line (`simcal evaluate`, `simcal data ...`): every case exits with status 2 and one
-message naming the field or option at fault, and leaves no output behind. A table of cases, one or more per kind of
-fault of issue 15 that concerns evaluation and data; a few good runs beside them show that the same files are fine
-when the fault is absent or explicitly allowed."""
+"""Bad input through the command line (`simcal evaluate`, `simcal data ...`, `simcal train`, `simcal calibrate`,
+`simcal test`): every case exits with status 2 and one message naming the field or option at fault, and leaves no
+output behind. A table of cases, one or more per kind of fault (bad files, out-of-range options, 0 taken for "the
+default", unreadable checkpoints, mismatched statistics and heads, finished runs re-run with other settings); good
+runs beside them show that the same files are fine when the fault is absent or explicitly allowed."""
 import contextlib, copy, io, json, subprocess, sys
 from pathlib import Path
 
@@ -289,3 +290,172 @@ def test_unwritable_outputs_refused_before_work(files, tmp_path):
         assert code == 2 and f'argument {option}' in err and ('not a folder' in err or 'is a ' in err), err
         assert 'Traceback' not in err
     assert _leftovers(tmp_path) == ['a_file'] and blocker.read_text() == 'x'
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train, calibrate, test: a toy set, a tiny detector trained for 2 iterations, a calibration head of it
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import TINY, write_toy_lvis  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def pipe(tmp_path_factory):
+    import torch
+    from simcal.checkpoint import load_checkpoint
+    d = tmp_path_factory.mktemp('pipe')
+    ann, root = write_toy_lvis(d / 'toy', n_images=6)
+    code, err = run(['train', '--train-ann', ann, '--image-root', root, '--out', d / 'det', '--iters', 2,
+                     '--batch-per-gpu', 2, '--num-workers', 0, '--no-progress', '--set'] + TINY)
+    assert code == 0, err
+    det = d / 'det' / 'model_final.pth'
+    code, err = run(['calibrate', '--detector', det, '--train-ann', ann, '--image-root', root, '--out', d / 'cal',
+                     '--iters', 2, '--classes-per-iter', 2, '--rois-per-image', 64, '--no-progress'])
+    assert code == 0, err
+    other = d / 'other.pth'   # the same weights under another file: another SHA-256
+    ck = load_checkpoint(det); ck['meta']['note'] = 'another run'; torch.save(ck, other)
+    (d / 'text.pth').write_text('not a checkpoint\n'); (d / 'empty.pth').write_bytes(b'')
+    foreign = _write(d, 'foreign_stats.json', [{'id': 100 + c, 'name': f'x{c}', 'instance_count': 5, 'image_count': 1}
+                                                for c in (1, 2, 3)])
+    return {'dir': d, 'ann': ann, 'root': root, 'det': det, 'cal': d / 'cal' / 'calibration.pt', 'other': other,
+            'foreign': foreign}
+
+
+def _cmd(pipe, tmp_path, kind):
+    p = pipe
+    data = ['--image-root', p['root'], '--no-progress']
+    if kind == 'train':
+        return ['train', '--train-ann', p['ann'], '--out', tmp_path / 'out', '--iters', 1, '--num-workers', 0, *data]
+    if kind == 'calibrate':
+        return ['calibrate', '--detector', p['det'], '--train-ann', p['ann'], '--out', tmp_path / 'out', '--iters', 2,
+                '--classes-per-iter', 2, *data]
+    return ['test', '--checkpoint', p['det'], '--ann', p['ann'], '--out', tmp_path / 'out', '--num-workers', 0, *data]
+
+
+# (command, extra arguments, what the message must hold); {text}, {empty}, {other}, {cal}, {foreign}: the fixture's files
+PIPELINE_CASES = [
+    ('train', ['--batch-per-gpu', '0'], ['argument --batch-per-gpu', 'must be an integer >= 1']),
+    ('train', ['--lr', '-1'], ['argument --lr', 'must be a finite number > 0']),
+    ('train', ['--num-workers', '-1'], ['argument --num-workers', 'must be an integer >= 0']),
+    ('train', ['--checkpoint-every', '-1'], ['argument --checkpoint-every', 'must be an integer >= 0']),
+    ('train', ['--iters', '0'], ['argument --iters', 'must be an integer >= 1']),
+    ('train', ['--device', 'tpu'], ['argument --device', "got 'tpu'"]),
+    ('train', ['--set', 'fpn_channels=abc'], ['--set', 'fpn_channels must be an integer >= 1', "got 'abc'"]),
+    ('train', ['--set', 'box_nms_thresh=2'], ['--set', 'box_nms_thresh must be a number in [0, 1]']),
+    ('train', ['--set', 'bogus=1'], ['--set', 'unknown preset setting']),
+    ('train', ['--set', 'lr_steps=[50]'], ['--set', 'lr_steps (50,) must increase within (0, 1]']),
+    ('train', ['--allow', 'everything'], ['argument --allow', "unknown check 'everything'"]),
+    ('calibrate', ['--rois-per-image', '0'], ['argument --rois-per-image', 'must be an integer >= 1']),
+    ('calibrate', ['--positive-fraction', '2'], ['argument --positive-fraction', '> 0 and <= 1']),
+    ('calibrate', ['--hidden', '0'], ['argument --hidden', 'must be an integer >= 1']),
+    ('calibrate', ['--iters', '-1'], ['argument --iters', 'must be an integer >= 0']),
+    ('calibrate', ['--checkpoint-every', '0'], ['argument --checkpoint-every', 'must be an integer >= 1']),
+    ('calibrate', ['--tau', 'nan'], ['argument --tau', 'must be a finite number']),
+    ('calibrate', ['--hflip-prob', '1.5'], ['argument --hflip-prob', 'must be a number in [0, 1]']),
+    ('calibrate', ['--lr-steps', '2', '1'], ['--lr-steps', 'steps must increase, got [2, 1]']),
+    ('calibrate', ['--hidden', '16'], ['--hidden', "'3fc_ft' needs hidden = the detector's representation size 32"]),
+    ('calibrate', ['--detector', '{text}'], ['text.pth', 'not a readable PyTorch checkpoint']),
+    ('calibrate', ['--detector', '{empty}'], ['empty.pth', 'the file is empty']),
+    ('test', ['--score-thresh', '2'], ['argument --score-thresh', 'must be a number in [0, 1]']),
+    ('test', ['--max-dets', '0'], ['argument --max-dets', 'must be an integer >= 1']),
+    ('test', ['--batch-size', '0'], ['argument --batch-size', 'must be an integer >= 1']),
+    ('test', ['--dual-threshold', '-1'], ['argument --dual-threshold', 'must be a finite number >= 0']),
+    ('test', ['--mode', 'cal'], ['--mode', "'cal' combines the detector's head with a calibration head: pass --cal-head"]),
+    ('test', ['--dual-threshold', '10'], ['--dual-threshold', 'pass --cal-head']),
+    ('test', ['--checkpoint', '{text}'], ['text.pth', 'not a readable PyTorch checkpoint']),
+    ('test', ['--checkpoint', '{empty}'], ['empty.pth', 'the file is empty']),
+    ('test', ['--checkpoint', '{other}', '--cal-head', '{cal}'],
+     ['calibration.pt', "field 'detector.sha256'", 'calibrated on another detector checkpoint', '--allow other-detector']),
+    ('test', ['--stats', '{foreign}'], ['foreign_stats.json', 'training statistics of another dataset', '--allow foreign-stats']),
+]
+
+
+@pytest.mark.parametrize('kind, extra, parts', PIPELINE_CASES,
+                         ids=[f'{k}{"".join(e[:1])}={e[1] if len(e) > 1 else ""}' for k, e, _ in PIPELINE_CASES])
+def test_pipeline_bad_input(pipe, tmp_path, kind, extra, parts):
+    names = {k: str(pipe[k]) for k in ('cal', 'other', 'foreign')}
+    names.update(text=str(pipe['dir'] / 'text.pth'), empty=str(pipe['dir'] / 'empty.pth'))
+    argv = _cmd(pipe, tmp_path, kind) + [a.format(**names) for a in extra]
+    code, err = run(argv)
+    assert code == 2, err
+    for part in parts: assert part in err, (part, err)
+    assert 'Traceback' not in err
+    assert _leftovers(tmp_path / 'out') == []          # nothing written, not even the folder's first file
+
+
+def test_train_into_a_finished_run_of_other_settings(pipe, tmp_path):
+    "A finished run is never half-overwritten: other settings are refused (files untouched); --force replaces it whole."
+    out = tmp_path / 'run'
+    base = ['train', '--train-ann', pipe['ann'], '--image-root', pipe['root'], '--out', out, '--iters', 1,
+            '--num-workers', 0, '--no-progress', '--checkpoint-every', 0, '--set'] + TINY
+    assert run(base)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, err = run(base[:-len(TINY)] + TINY + ['--seed', 3])
+    assert code == 2 and 'holds a finished training run with other settings (differs in train.seed)' in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / 'notes.txt').write_text('mine')            # not a file of the run: kept by --force
+    code, err = run(base + ['--seed', 3, '--force'])
+    assert code == 0, err
+    assert json.loads((out / 'config.json').read_text())['train']['seed'] == 3
+    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'metrics.jsonl', 'model_final.pth', 'notes.txt']
+
+
+def test_train_and_calibrate_refuse_corrupt_masks(pipe, tmp_path):
+    "Training data with an undecodable RLE or a 2-point polygon fails before any step, naming record and field."
+    gt = json.loads(Path(pipe['ann']).read_text())
+    for change, msg in [(lambda a: a.update(segmentation=[[1, 1, 5, 5]]), 'at least 3 points'),
+                        (lambda a: a.update(segmentation={'size': [a['bbox'][3], 9], 'counts': '~~~'}), "field 'segmentation'")]:
+        bad = copy.deepcopy(gt); change(bad['annotations'][2])
+        ann = _write(tmp_path, 'bad.json', bad)
+        for argv in (['train', '--train-ann', ann, '--image-root', pipe['root'], '--out', tmp_path / 'out', '--iters', 1],
+                     ['calibrate', '--detector', pipe['det'], '--train-ann', ann, '--image-root', pipe['root'],
+                      '--out', tmp_path / 'out', '--iters', 1]):
+            code, err = run(argv + ['--no-progress'])
+            assert code == 2 and f"annotations[2] (id={bad['annotations'][2]['id']})" in err and msg in err, err
+            assert _leftovers(tmp_path / 'out') == []
+
+
+def test_calibrate_lr_steps_after_the_end_are_said(pipe, tmp_path):
+    "A step at or after the end of a run is the first part of a longer schedule (resumed later): a note, not an error."
+    code, err = run(_cmd(pipe, tmp_path, 'calibrate') + ['--lr-steps', '1', '10'])
+    assert code == 0 and '--lr-steps 10 at or after the end of this run (2 iterations)' in err, err
+
+
+def test_calibrate_zero_iterations_gives_the_detectors_head(pipe, tmp_path):
+    "`--iters 0` is a point of the steps curve: the 3fc_ft head as initialised, i.e. the detector's own classifier."
+    from simcal.calibration import load_calibration
+    from simcal.checkpoint import load_checkpoint
+    code, err = run(['calibrate', '--detector', pipe['det'], '--train-ann', pipe['ann'], '--image-root', pipe['root'],
+                     '--out', tmp_path / 'c0', '--iters', 0, '--no-progress'])
+    assert code == 0, err
+    ck, det = load_calibration(tmp_path / 'c0' / 'calibration.pt'), load_checkpoint(pipe['det'])['model']
+    assert ck['iteration'] == 0
+    import torch
+    for name, src in (('fc6', 'roi_heads.box_head.fc6'), ('fc7', 'roi_heads.box_head.fc7'),
+                      ('cls_score', 'roi_heads.box_predictor.cls_score')):
+        for p in ('weight', 'bias'):
+            assert torch.equal(ck['head'][f'{name}.{p}'], det[f'{src}.{p}']), (name, p)
+    # and `simcal test --mode cal` with it scores exactly as the detector alone
+    outs = {}
+    for mode in ('orig', 'cal'):
+        argv = _cmd(pipe, tmp_path / mode, 'test') + ['--no-eval', '--max-dets', 20]
+        if mode == 'cal': argv += ['--cal-head', tmp_path / 'c0' / 'calibration.pt', '--mode', 'cal']
+        code, err = run(argv)
+        assert code == 0, err
+        outs[mode] = json.loads((tmp_path / mode / 'out' / 'results.json').read_text())
+    assert len(outs['orig']) == len(outs['cal']) > 0
+    for a, b in zip(outs['orig'], outs['cal']):
+        assert (a['image_id'], a['category_id']) == (b['image_id'], b['category_id'])
+        assert a['score'] == pytest.approx(b['score'], abs=1e-6)
+
+
+def test_test_allowed_other_detector_and_empty_results(pipe, tmp_path):
+    "The refusals above are explicit choices: allowed, the same files run; no detection at all is a result, not a fault."
+    code, err = run(_cmd(pipe, tmp_path / 'a', 'test') + ['--cal-head', pipe['cal'], '--allow', 'other-detector',
+                                                          '--checkpoint', pipe['other'], '--max-dets', 20])
+    assert code == 0, err
+    code, err = run(_cmd(pipe, tmp_path / 'b', 'test') + ['--score-thresh', '1'])
+    assert code == 0, err
+    out = tmp_path / 'b' / 'out'
+    assert json.loads((out / 'results_segm.json').read_text()) == [] == json.loads((out / 'results.json').read_text())
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['segm']['AP'] == 0.0 == m['bbox']['AP']

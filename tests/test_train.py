@@ -267,7 +267,7 @@ def test_bad_inputs(toy, tmp_path, capsys):
     assert rc == 2 and 'missing.pth: checkpoint not found' in err
     bad = tmp_path / 'corrupt.pth'; bad.write_bytes(ckpt.read_bytes()[: len(ckpt.read_bytes()) // 2])
     rc, err = test_cli(bad, ann)
-    assert rc == 2 and 'not a readable checkpoint' in err
+    assert rc == 2 and 'not a readable PyTorch checkpoint' in err
     # a dataset with other categories than the model's
     other_ann, _ = write_toy_lvis(tmp_path / 'other', n_images=2, category_offset=10)
     rc, err = test_cli(ckpt, other_ann)
