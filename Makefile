@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 JUPYTER_CFG := $(VENV)/etc/jupyter/jupyter_server_config.py
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install lab readme repro test test-nbs test-py check-sync bench bench-repro gpu-check clean
+.PHONY: install lab readme repro compare test test-nbs test-py check-sync bench bench-repro gpu-check clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ $(STAMP): settings.ini setup.py
 
 repro: $(STAMP)
 	$(BIN)/simcal repro
+
+# the comparison of long-tail classifier fixes (SimCal, NorCal, logit adjustment, tau-norm, cRT, LWS, BAGS) on the
+# demo detector: not part of `make repro`; reuses its steps in runs/, writes figures/longtail_*
+compare: $(STAMP)
+	$(BIN)/simcal repro --only longtail.ipynb
 
 # notebooks are the source: cleaning and exporting them must not change the repository
 check-sync: $(STAMP)

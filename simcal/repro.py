@@ -10,11 +10,12 @@ from .core import save_json, load_json, InputError, atomic_write, writable_dir
 
 # %% auto #0
 __all__ = ['PAPER_COLUMNS', 'PAPER_LVIS', 'PAPER_COCO_LT', 'PAPER_T_SWEEP', 'PAPER_HEADS', 'PAPER_CAL_STEPS_AP', 'PAPER_BIN_BASE',
-           'PAPER_BIN_COUNT', 'STATUS_ENV', 'LVIS_RULES_TWIN', 'REPRO_NOTEBOOKS', 'metrics_row', 'comparison_table',
-           'save_table', 'show_figure', 'available_cpus', 'report_status', 'end_process_group', 'torchrun',
-           'device_kind', 'step_key', 'train_base', 'calibrate_heads', 'calibrate_head', 'test_model', 'repo_root',
-           'coco_rules_filter', 'coco_rules_from', 'find_notebooks', 'run_notebook', 'relative_to_checkout',
-           'StatusPrinter', 'timing_table', 'configure_repro_parser', 'notebook_parameters', 'run_repro']
+           'PAPER_BIN_COUNT', 'STATUS_ENV', 'LVIS_RULES_TWIN', 'REPRO_NOTEBOOKS', 'EXTRA_NOTEBOOKS', 'metrics_row',
+           'comparison_table', 'save_table', 'show_figure', 'available_cpus', 'report_status', 'end_process_group',
+           'torchrun', 'device_kind', 'step_key', 'train_base', 'calibrate_heads', 'calibrate_head', 'test_model',
+           'repo_root', 'retrain_step', 'correction_args', 'coco_rules_filter', 'coco_rules_from', 'find_notebooks',
+           'run_notebook', 'relative_to_checkout', 'StatusPrinter', 'timing_table', 'configure_repro_parser',
+           'notebook_parameters', 'run_repro']
 
 # %% ../nbs/91_repro.ipynb #a5ae1f19
 PAPER_COLUMNS = ['AP1', 'AP2', 'AP3', 'AP4', 'APr', 'APc', 'APf', 'AP']
@@ -321,9 +322,12 @@ def test_model(checkpoint, ann, image_root, out, # detector checkpoint, evaluati
             '--stats', stats, '--protocol', protocol,
             *(['--cal-head', cal_head, '--mode', mode] if cal_head else []), *extra]
     if cal_head is None and mode != 'orig': raise ValueError(f"mode {mode!r} needs a calibration head")
+    ex = [str(a) for a in extra]
+    what = (f"mode {mode}" if cal_head else f"correction {ex[ex.index('--correction') + 1]}" if '--correction' in ex
+            else 'retrained classifier' if '--retrained' in ex else 'mode orig')
     def summary():
         s = load_json(Path(out) / 'metrics.json')['segm']
-        return f"mode {mode}: segm AP {100 * s['AP']:.1f}, bAP {100 * s['bAP']:.1f}"
+        return f"{what}: segm AP {100 * s['AP']:.1f}, bAP {100 * s['bAP']:.1f}"
     _step(out, args, launch, ['metrics.json', 'results.json'], summary)
     m = load_json(Path(out) / 'metrics.json'); m['results'] = str(Path(out) / 'results.json')
     return m
@@ -334,6 +338,36 @@ def repo_root(start=None) -> Path:
     for p in [start, *start.parents]:
         if (p / 'settings.ini').is_file() and (p / 'nbs').is_dir(): return p
     return start
+
+# %% ../nbs/91_repro.ipynb #b83d2f51
+def retrain_step(detector, train_ann, image_root, out, # detector checkpoint (kept frozen), its training set, work directory
+                 method:str, # 'crt', 'lws' or 'bags' (`simcal.retrain`)
+                 settings:str='published', # 'published' (paper scale) or 'demo' (the embedded set), `simcal.retrain.SETTINGS`
+                 iters:int|None=None, # None: the settings' schedule (BAGS: its epochs)
+                 extra:list=(), # more `simcal retrain` options
+                 **launch) -> Path:
+    "Re-train the frozen detector's classifier with `simcal retrain`; returns the classifier (`retrained.pt`)."
+    args = ['retrain', '--detector', detector, '--train-ann', train_ann, '--image-root', image_root, '--out', out,
+            '--method', method, '--settings', settings, *(['--iters', iters] if iters else []), *extra]
+    def summary():
+        r = _last_jsonl(Path(out) / 'retrain_log.jsonl')
+        return f"{method}: {r.get('iter', '?')} iterations, loss {r['loss']:.3f}" if 'loss' in r else f'{method}: done'
+    _step(out, args, launch, ['retrained.pt'], summary)
+    return Path(out) / 'retrained.pt'
+
+def correction_args(method:str, # 'norcal', 'logit_adjustment' or 'tau_norm'
+                    strength:float|str|None=None, # the strength; 'search': chosen on held-out training images; None: `simcal test`'s default
+                    train_ann=None, train_image_root=None, # the training set and its images (for 'search')
+                    heldout_fraction:float|None=None, # share of the training images held out for 'search' (None: the default)
+                   ) -> list:
+    "The `simcal test` options of an inference-only fix of the classifier (for `test_model`'s `extra`)."
+    if strength == 'search':
+        if train_ann is None or train_image_root is None:
+            raise ValueError("strength 'search' needs train_ann and train_image_root")
+        return ['--correction', method, '--search-strength', '--train-ann', train_ann, '--train-image-root', train_image_root,
+                *(['--heldout-fraction', heldout_fraction] if heldout_fraction is not None else [])]
+    if isinstance(strength, str): raise ValueError(f"strength {strength!r}: a number, 'search' or None")
+    return ['--correction', method, *(['--strength', strength] if strength is not None else [])]
 
 # %% ../nbs/91_repro.ipynb #493681aa
 LVIS_RULES_TWIN = {'synth_coco': 'synth'}   # a COCO-rules protocol -> the LVIS-rules protocol with the same T and bins
@@ -379,6 +413,7 @@ def coco_rules_from(source:dict, # metrics of an LVIS-rules `test_model` pass (w
 
 # %% ../nbs/91_repro.ipynb #59ee3013
 REPRO_NOTEBOOKS = ['lvis_mrcnn.ipynb', 'coco_lt.ipynb', 'ablations.ipynb']
+EXTRA_NOTEBOOKS = ['longtail.ipynb']   # not run by default: `--all`, or `--only longtail.ipynb` (make compare)
 
 def find_notebooks(folder=None) -> Path:
     "The folder of the reproduction notebooks: `folder`, or `nbs/paper` of the checkout in the current directory."
@@ -459,7 +494,9 @@ def configure_repro_parser(p):
     p.add_argument('--out', default='figures', type=writable_dir, help='folder for tables, figures and the executed notebooks')
     p.add_argument('--work-dir', default='runs', type=writable_dir, help='folder for the dataset, checkpoints and raw results')
     p.add_argument('--notebooks', default=None, help='folder of the reproduction notebooks (default: nbs/paper)')
-    p.add_argument('--only', nargs='*', choices=REPRO_NOTEBOOKS, default=None, help='run only these notebooks')
+    p.add_argument('--only', nargs='*', choices=REPRO_NOTEBOOKS + EXTRA_NOTEBOOKS, default=None, help='run only these notebooks')
+    p.add_argument('--all', action='store_true', help=f"also run the extra notebooks ({', '.join(EXTRA_NOTEBOOKS)}: "
+                   'the comparison of long-tail classifier fixes), after the paper notebooks')
     p.add_argument('-p', '--param', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'),
                    help='override a notebook parameter (value parsed as JSON when it can be)')
     p.add_argument('--kernel', default='python3', help='Jupyter kernel to execute the notebooks with')
@@ -481,7 +518,7 @@ def run_repro(args) -> int:
     import signal, tempfile
     work = Path(args.work_dir).resolve()
     params = {'work_dir': str(work), **{k: _value(v) for k, v in args.param}}
-    names = args.only or REPRO_NOTEBOOKS
+    names = args.only or REPRO_NOTEBOOKS + (EXTRA_NOTEBOOKS if getattr(args, 'all', False) else [])
     declared = {n: notebook_parameters(n, args.notebooks) for n in names}
     unknown = set(params) - set().union(*map(set, declared.values()))
     if unknown: raise InputError(' '.join(names), f"no notebook takes the parameter(s) {', '.join(sorted(unknown))}")
