@@ -18,6 +18,7 @@ from .checks import add_allow_argument
 from .sampler import BiLevelSampler, derived_seed
 from .comm import get_rank, get_world_size, barrier, init_distributed, cleanup_distributed, all_reduce_sum
 from .checkpoint import load_detector, check_dataset_classes, preset_protocol
+import simcal.htc_adapter   # registers the HTC adapter: calibration, testing and retraining take HTC checkpoints
 from .detector import DetectorAdapter, as_detector
 from .data import uint8_items
 
@@ -675,7 +676,7 @@ def configure_calibrate_parser(parser) -> None:
     p.add_argument('--seed', type=non_negative_int, default=0, help='seed of the draws, flips, RoI sampling and head initialisation')
     p.add_argument('--checkpoint-every', type=positive_int, default=1000, help='iterations between checkpoints')
     p.add_argument('--resume', action='store_true', help='continue from the heads\' calibration.pt files (exactly) if they exist; all heads together')
-    p.add_argument('--num-workers', type=non_negative_int, default=0, help='image-loading processes per rank')
+    p.add_argument('--num-workers', type=non_negative_int, default=2, help='image-loading processes per rank')
     p.add_argument('--log-every', type=positive_int, default=1, help='iterations per line of calibration_log.jsonl')
     p.add_argument('--device', default=None, type=device_option, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (one process per node; default: this rank's GPU if any)")
     p.add_argument('--no-progress', action='store_true', help='no progress bar')

@@ -9,15 +9,35 @@ from pathlib import Path
 import torch
 from torch import nn
 from .core import InputError, atomic_write
-from .model import DetectorPreset, build_mask_rcnn
+from .model import DetectorPreset, PRESETS, build_mask_rcnn, load_backbone_weights
+from .htc import HTCPreset, HTC_PRESETS, build_htc_model, load_htc_backbone_weights
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'unwrap', 'save_checkpoint', 'load_checkpoint', 'load_model_state', 'make_meta',
-           'meta_train_stats', 'meta_instance_counts', 'load_detector', 'check_dataset_classes', 'check_classes',
-           'preset_protocol']
+__all__ = ['CHECKPOINT_FORMAT', 'FAMILIES', 'ALL_PRESETS', 'preset_family', 'build_detector_from', 'load_imagenet_weights',
+           'unwrap', 'save_checkpoint', 'load_checkpoint', 'load_model_state', 'make_meta', 'meta_train_stats',
+           'meta_instance_counts', 'load_detector', 'check_dataset_classes', 'check_classes', 'preset_protocol']
 
 # %% ../nbs/05b_checkpoint.ipynb #d437dc48
 CHECKPOINT_FORMAT = 'simcal.detector'
+
+# the detector families a checkpoint can hold: their preset class (`meta['family']` picks it when loading)
+FAMILIES = {'mask_rcnn': DetectorPreset, 'htc': HTCPreset}
+ALL_PRESETS = {**PRESETS, **HTC_PRESETS}   # every named preset of every family
+
+def preset_family(preset:DetectorPreset) -> str:
+    "'htc' for an `HTCPreset`, else 'mask_rcnn'."
+    return 'htc' if isinstance(preset, HTCPreset) else 'mask_rcnn'
+
+def build_detector_from(preset:DetectorPreset, # a preset of any family (`ALL_PRESETS`)
+                        num_classes:int, # C + 1
+                       ) -> nn.Module:
+    "The model of a preset: `build_htc_model` for an `HTCPreset`, `build_mask_rcnn` otherwise."
+    if isinstance(preset, HTCPreset): return build_htc_model(num_classes, **preset.model_kwargs())
+    return build_mask_rcnn(num_classes, **preset.model_kwargs())
+
+def load_imagenet_weights(model:nn.Module, preset:DetectorPreset, path):
+    "ImageNet weights into the backbone of a preset's model (HTC: its deformable convolutions included)."
+    return (load_htc_backbone_weights if isinstance(preset, HTCPreset) else load_backbone_weights)(model, path)
 
 def unwrap(model:nn.Module) -> nn.Module:
     "The model inside a DistributedDataParallel wrapper (or the model itself)."
@@ -95,6 +115,7 @@ def make_meta(preset:DetectorPreset, # the resolved preset of the run
         meta['train_stats'] = {'ids': [int(i) for i in stats.ids], 'names': list(stats.names), 'frequency': list(stats.frequency),
                                'instance_count': [int(n) for n in stats.instance_count],
                                'image_count': [int(n) for n in stats.image_count], 'source': Path(str(stats.source)).name}
+    meta['family'] = preset_family(preset)
     meta.update(extra)
     return meta
 
@@ -120,9 +141,11 @@ def load_detector(path, # a checkpoint written by `simcal train`
     meta = ck['meta']
     if num_classes is not None and num_classes != meta['num_classes']:
         raise InputError(path, f"checkpoint has {meta['num_classes']} classes (C + 1), expected {num_classes}", field='meta.num_classes')
-    try: preset = DetectorPreset.from_dict(meta['model_config']).replace(**overrides)
+    family = meta.get('family', 'mask_rcnn')   # checkpoints written before HTC have no family: Mask R-CNN
+    if family not in FAMILIES: raise InputError(path, f"unknown detector family {family!r}; known: {', '.join(FAMILIES)}", field='meta.family')
+    try: preset = FAMILIES[family].from_dict(meta['model_config']).replace(**overrides)
     except (TypeError, ValueError) as e: raise InputError(path, f'cannot rebuild the model from its meta: {e}', field='meta.model_config') from None
-    model = build_mask_rcnn(meta['num_classes'], **preset.model_kwargs())
+    model = build_detector_from(preset, meta['num_classes'])
     load_model_state(model, ck['model'], path)
     return model.to(device).eval(), meta
 
@@ -148,4 +171,4 @@ def check_classes(meta:dict, label_map, source='dataset', checkpoint='checkpoint
 def preset_protocol(meta:dict) -> str:
     "The evaluation protocol that fits a model's preset: 'coco_lt', 'synth' (the demo) or 'lvis'."
     name = meta.get('preset', '')
-    return 'coco_lt' if name.startswith('coco') else 'synth' if name == 'demo' else 'lvis'
+    return 'coco_lt' if name.startswith('coco') else 'synth' if name == 'demo' or name.endswith('_demo') else 'lvis'

@@ -311,7 +311,7 @@ def convert_mmdet_v1(src, # mmdetection v1.0rc checkpoint: a Mask R-CNN or a cal
 
 def configure_convert_parser(parser:argparse.ArgumentParser) -> None:
     "Options of `simcal convert`."
-    from simcal.core import writable_file
+    from simcal.core import writable_file, non_negative_int
     p = parser
     p.add_argument('source_format', choices=SOURCE_FORMATS, help='format of SRC: mmdet-v1 (the SimCal release, mmdetection v1.0rc)')
     p.add_argument('src', help='the released checkpoint (a Mask R-CNN or a calibration head); read once with '
@@ -321,7 +321,7 @@ def configure_convert_parser(parser:argparse.ArgumentParser) -> None:
                    'annotations (default: lvis_v0.5 for 1231 classes, coco_lt for 81)')
     p.add_argument('--preset', default=None, choices=sorted(PRESETS), help='simcal preset (default: by class count and regression)')
     p.add_argument('--head-kind', default='3fc_ft', choices=['3fc_ft', '3fc_rand'], help='simcal kind of a simple3fc head')
-    p.add_argument('--dual-threshold', type=int, default=None, help="T stored with a head (default: the protocol's, LVIS 100, COCO-LT 400)")
+    p.add_argument('--dual-threshold', type=non_negative_int, default=None, help="T stored with a head (default: the protocol's, LVIS 100, COCO-LT 400)")
 
 def run_convert(args) -> int:
     "Run `simcal convert`."

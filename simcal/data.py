@@ -300,11 +300,16 @@ class DetectionDataset(Dataset):
                  data:dict|None=None, # the already loaded annotation file, to avoid reading it twice
                  allow=(), # checks of the annotation file to skip (`simcal.checks.ALLOW`: 'degenerate-boxes')
                  masks:bool=True, # decode the instance masks into targets (calibration and Props-GT need boxes only)
+                 semantic_root=None, # folder of semantic label maps (PNG at the images' relative paths, as COCO-Stuff's
+                                     # stuffthingmaps): targets get 'semantic' (H, W) for HTC's semantic branch
                 ):
         if path_field not in ('auto', 'file_name', 'coco_url'):
             raise ValueError(f"path_field must be 'auto', 'file_name' or 'coco_url', got {path_field!r}")
         self.ann_file, self.image_root, self.train, self.transforms = Path(ann_file), Path(image_root), train, transforms
         self.path_field, self.allow, self.masks = path_field, parse_allow(allow), masks
+        self.semantic_root = None if semantic_root is None else Path(semantic_root)
+        if self.semantic_root is not None and not self.semantic_root.is_dir():
+            raise InputError(self.semantic_root, 'semantic map folder not found', field='semantic_root')
         if data is None: data = load_json(self.ann_file, 'annotation file')
         validate_annotations(data, self.ann_file, allow=allow)
         self._check_image_records(data['images'])
@@ -357,10 +362,33 @@ class DetectionDataset(Dataset):
         "`(height, width)` of each item, from the annotation file (for aspect-ratio grouping)."
         return [(im['height'], im['width']) for im in self._images]
 
+    def _relative_path(self, idx:int) -> str:
+        im = self._images[idx]; key = self._path_key(im)
+        return im['file_name'] if key == 'file_name' else _url_path(im['coco_url'])
+
     def image_path(self, idx:int) -> Path:
         "Path of an item's image file."
-        im = self._images[idx]; key = self._path_key(im)
-        return self.image_root / (im['file_name'] if key == 'file_name' else _url_path(im['coco_url']))
+        return self.image_root / self._relative_path(idx)
+
+    def semantic_path(self, idx:int) -> Path|None:
+        "Path of an item's semantic map (the image's relative path under `semantic_root`, as PNG), if there are maps."
+        return None if self.semantic_root is None else (self.semantic_root / self._relative_path(idx)).with_suffix('.png')
+
+    def load_semantic(self, idx:int) -> torch.Tensor:
+        "An item's semantic label map as int64 (H, W); `InputError` naming the record when it is missing or of another size."
+        from PIL import Image
+        p, im = self.semantic_path(idx), self._images[idx]
+        rec = _rec('images', self._pos[idx], im['id'])
+        if not p.is_file(): raise InputError(self.ann_file, f"semantic map not found: {p}", record=rec, field='semantic')
+        with Image.open(p) as pil:
+            if pil.mode not in ('L', 'P', 'I', 'I;16'):
+                raise InputError(self.ann_file, f"semantic map {p} is a {pil.mode} image, not a label map (one channel)",
+                                 record=rec, field='semantic')
+            arr = np.asarray(pil)
+        if arr.shape != (im['height'], im['width']):
+            raise InputError(self.ann_file, f"semantic map {p} is {arr.shape[0]}x{arr.shape[1]} (HxW) but the image record "
+                             f"says {im['height']}x{im['width']}", record=rec, field='semantic')
+        return torch.from_numpy(arr.astype(np.int64))
 
     def class_to_indices(self) -> dict[int, list[int]]:
         "Label -> sorted dataset indices of the images holding a (non-crowd) instance of it; labels with none are absent."
@@ -435,6 +463,7 @@ class DetectionDataset(Dataset):
             'image_id': int(im['id']),
             'iscrowd': torch.tensor([int(a.get('iscrowd', 0)) for a in anns], dtype=torch.int64),
         }
+        if self.semantic_root is not None: t['semantic'] = self.load_semantic(idx)
         if self.masks:
             t['masks'] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
             t['area'] = torch.tensor([a['area'] if 'area' in a else float(m.sum()) for a, m in zip(anns, masks)],

@@ -27,6 +27,7 @@ def hflip_batch(images:list, targets:list, flips:list) -> tuple[list, list]:
             b = t['boxes'].clone(); b[:, 0], b[:, 2] = w - t['boxes'][:, 2], w - t['boxes'][:, 0]
             t['boxes'] = b
             if 'masks' in t: t['masks'] = t['masks'].flip(-1)
+            if 'semantic' in t: t['semantic'] = t['semantic'].flip(-1)   # HTC's semantic map (H, W)
             img = img.flip(-1)
         out_i.append(img); out_t.append(t)
     return out_i, out_t

@@ -125,6 +125,11 @@ class FusedSemanticHead(nn.Module):
         "Weighted per-pixel cross-entropy; `labels` (B, h, w) at the logits' size, `ignore_label` ignored."
         valid = labels != self.ignore_label
         if not bool(valid.any()): return logits.sum() * 0.0
+        n = logits.shape[1]
+        if bool(((labels[valid] < 0) | (labels[valid] >= n)).any()):   # (the check that already synchronised covers it)
+            bad = int(labels[valid][(labels[valid] < 0) | (labels[valid] >= n)][0])
+            raise InputError('<targets>', f"semantic label {bad} outside the branch's {n} classes (0..{n - 1}, "
+                             f"{self.ignore_label} ignored): set semantic_classes to the maps' class count", field='semantic')
         return F.cross_entropy(logits.float(), labels.long(), ignore_index=self.ignore_label) * self.loss_weight
 
 def semantic_labels(targets:list, # dicts with 'semantic' (H, W) integer maps at the input image's size
@@ -505,14 +510,15 @@ class HTCPreset(DetectorPreset):
 HTC_PRESETS = {
     # LVIS v0.5 HTC X101-64x4d-DCN-MS with the semantic branch (beyond-mask-rcnn.md section 1)
     'htc_x101_lvis': HTCPreset('htc_x101_lvis'),
-    # the embedded synthetic set on CPU: the demo Mask R-CNN's sizes, three stages, DCN in c5 only, no semantic maps yet
+    # the embedded synthetic set on CPU: the demo Mask R-CNN's sizes, three stages, DCN in c5 only, and the semantic
+    # branch on the set's maps (`simcal data synth --stuff-classes 3`: objects 0, stuff 1..3)
     'htc_demo': HTCPreset('htc_demo', num_classes=None, backbone='resnet18', norm='bn', trainable_layers=5,
                           imagenet_backbone=False, fpn_channels=32, box_head_dim=256, mask_head_convs=2,
                           mask_head_channels=32, min_size=128, max_size=128, anchor_sizes=(16, 32, 64, 128, 256),
                           rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150,
                           rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=300, rpn_batch_size_per_image=128,
                           box_batch_size_per_image=64, rpn_allowed_border=None, rpn_min_pos_iou=None,
-                          stage_min_pos_iou=False, dcn_stages=('layer4',), semantic=False, semantic_classes=8,
+                          stage_min_pos_iou=False, dcn_stages=('layer4',), semantic=True, semantic_classes=4,
                           train_size_range=None, train_max_size=None,
                           images_per_gpu=2, base_lr=0.02, base_batch=4, warmup_iters=50,
                           epochs=None, iters=600, lr_steps=(400, 550)),

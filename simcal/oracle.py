@@ -14,6 +14,7 @@ from .comm import get_rank, get_world_size, gather_to_main
 from .checkpoint import unwrap
 from .data import image_to_device
 from .detector import as_detector
+import simcal.htc_adapter   # registers the HTC adapter
 from .inference import detections_to_results
 
 # %% auto #0

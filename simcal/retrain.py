@@ -19,6 +19,7 @@ from .sampler import ClassAwareSampler, RepeatFactorSampler, derived_seed
 from .comm import get_rank, get_world_size, barrier, init_distributed, cleanup_distributed, all_reduce_sum
 from .checkpoint import load_detector, check_dataset_classes
 from .detector import as_detector
+from .data import uint8_items
 from .longtail import BAGS_BOUNDARIES, BAGS_OTHERS_RATIO, BAGSGroups, BAGSHead, CRTHead, HeadScorer, LWSHead
 from .calibration import calibration_lr, freeze_detector, sample_rois
 from .calibration import category_fingerprint, file_sha256, statistics_fingerprint
@@ -174,7 +175,7 @@ class _Images(torch.utils.data.Dataset):
     def __len__(self): return len(self.dataset)
     def __getitem__(self, key):
         position, index = key
-        image, target = self.dataset[index]
+        image, target = uint8_items(self.dataset)[index]   # uint8: made float on the detector's device
         return image, {'boxes': target['boxes'], 'labels': target['labels']}, position
 
 def _collate(items): return tuple(list(x) for x in zip(*items)) if items else ([], [], [])
@@ -423,7 +424,7 @@ def detach_retrained(model):
 # %% ../nbs/08a_retrain.ipynb #5f9d40d4
 def configure_retrain_parser(parser) -> None:
     "Options of `simcal retrain`."
-    from simcal.core import positive_int, non_negative_int, positive_float, non_negative_float, probability, float_range, writable_dir
+    from simcal.core import positive_int, non_negative_int, positive_float, non_negative_float, probability, float_range, writable_dir, device_option
     p = parser
     p.add_argument('--detector', required=True, help='detector checkpoint written by simcal train (kept frozen)')
     p.add_argument('--train-ann', required=True, help='training annotations the detector was trained on (LVIS or COCO JSON)')
@@ -454,9 +455,9 @@ def configure_retrain_parser(parser) -> None:
     p.add_argument('--seed', type=non_negative_int, default=0, help='seed of the sampling, flips, RoI sampling and initialisation')
     p.add_argument('--checkpoint-every', type=positive_int, default=1000, help='iterations between checkpoints')
     p.add_argument('--resume', action='store_true', help=f'continue from --out/{RETRAIN_FILE} (exactly) if it exists')
-    p.add_argument('--num-workers', type=non_negative_int, default=0, help='image-loading processes per rank')
+    p.add_argument('--num-workers', type=non_negative_int, default=2, help='image-loading processes per rank')
     p.add_argument('--log-every', type=positive_int, default=1, help=f'iterations per line of {RETRAIN_LOG}')
-    p.add_argument('--device', default=None, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (default: this rank's GPU if any)")
+    p.add_argument('--device', default=None, type=device_option, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (default: this rank's GPU if any)")
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 def run_retrain(args) -> int:

@@ -17,12 +17,12 @@ from .core import (PROTOCOLS, InputError, bin_edges, bin_index, bin_label, load_
                          non_negative_int, positive_int, writable_dir)
 
 # %% auto #0
-__all__ = ['SHAPES', 'ROTATION_JITTER', 'COLOURS', 'TEXTURES', 'TEXTURE_WORDS', 'SIZES', 'SYNTH_FORMAT', 'FREQUENCY_RULE',
-           'shape_polygon', 'ClassSpec', 'bin_quotas', 'tail_counts', 'val_counts', 'design_classes',
+__all__ = ['SHAPES', 'ROTATION_JITTER', 'COLOURS', 'TEXTURES', 'TEXTURE_WORDS', 'SIZES', 'STUFF_LOOKS', 'SYNTH_FORMAT',
+           'FREQUENCY_RULE', 'shape_polygon', 'ClassSpec', 'bin_quotas', 'tail_counts', 'val_counts', 'design_classes',
            'objects_per_image', 'fit_per_image', 'deal_instances', 'federated_fields', 'paint_texture',
-           'paint_background', 'polygon_mask', 'render_image', 'frequency_group', 'SyntheticDesign', 'design_synthetic',
-           'SyntheticPaths', 'synthetic_paths', 'make_synthetic', 'synth_summary', 'format_synth_summary',
-           'configure_synth_parser', 'run_synth', 'plot_samples', 'plot_tail']
+           'paint_background', 'paint_stuff', 'polygon_mask', 'render_image', 'frequency_group', 'SyntheticDesign',
+           'design_synthetic', 'SyntheticPaths', 'synthetic_paths', 'make_synthetic', 'synth_summary',
+           'format_synth_summary', 'configure_synth_parser', 'run_synth', 'plot_samples', 'plot_tail']
 
 # %% ../nbs/02_synth.ipynb #36b32006
 def _arc(t): return np.stack([np.cos(t), np.sin(t)], 1)
@@ -322,6 +322,34 @@ def paint_background(rng, size:int) -> np.ndarray:
         draw.ellipse([x, y, x + rng.uniform(0.5, 2.5), y + rng.uniform(0.5, 2.5)], fill=(g, g, g))
     return np.asarray(im, float)
 
+# 'stuff' classes of the semantic maps (HTC's semantic branch): a fixed look per class, so that it can be learnt
+STUFF_LOOKS = (('grass', (70, 150, 60), 'vstripes'), ('water', (60, 110, 190), 'waves'), ('sand', (205, 185, 125), 'dots'),
+               ('brick', (165, 75, 55), 'grid'), ('snow', (232, 232, 238), 'flat'), ('wood', (125, 85, 50), 'hstripes'))
+
+def paint_stuff(rng, # numpy Generator of the stuff layout (not the image's own: the objects stay where they are)
+                img:np.ndarray, # (size, size, 3) float background
+                stuff_classes:int, # K: the classes drawn are 1..K (`STUFF_LOOKS[k - 1]`)
+                regions:tuple=(2, 5), # Voronoi cells per image, inclusive range
+               ) -> tuple[np.ndarray, np.ndarray]:
+    "Paint stuff regions over a background (Voronoi cells of random seeds, one stuff class each): (image, map of 1..K)."
+    if not 1 <= stuff_classes <= len(STUFF_LOOKS): raise ValueError(f"stuff_classes must be in 1..{len(STUFF_LOOKS)}")
+    size = img.shape[0]
+    n = int(rng.integers(regions[0], regions[1] + 1))
+    seeds, cls = rng.uniform(0, size, (n, 2)), rng.integers(1, stuff_classes + 1, n)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    smap = cls[((xx[None] - seeds[:, 0, None, None]) ** 2 + (yy[None] - seeds[:, 1, None, None]) ** 2).argmin(0)]
+    out, scale = img.copy(), size / 128
+    for c in np.unique(smap):
+        _, rgb, pat = STUFF_LOOKS[c - 1]
+        on = {'vstripes': (xx / scale) % 6 < 3, 'hstripes': (yy / scale) % 5 < 2,
+              'waves': np.sin(xx / (3 * scale) + 2 * np.sin(yy / (5 * scale))) > 0.3,
+              'dots': ((xx / scale) % 7 < 2) & ((yy / scale) % 7 < 2), 'grid': ((xx / scale) % 8 < 1) | ((yy / scale) % 6 < 1),
+              'flat': np.zeros_like(xx, bool)}[pat]
+        look = np.array(rgb, float) * np.where(on, 0.75, 1.0)[..., None]
+        m = smap == c
+        out[m] = 0.3 * img[m] + 0.7 * look[m]
+    return out, smap.astype(np.uint8)
+
 def polygon_mask(poly, # (N, 2) vertices
                  height:int, width:int):
     "The pycocotools rasterisation of one polygon: (bool mask, area)."
@@ -333,10 +361,14 @@ def render_image(rng, specs, # one `ClassSpec` per object
                  max_occlusion:float=0.1, # largest share of an object that later objects may hide
                  tries:int=40, # placements tried before an object shrinks by 15 %
                  noise:float=4.0, # sigma of the Gaussian pixel noise (grey levels)
+                 stuff:tuple|None=None, # (rng, K): paint K stuff classes (`paint_stuff`) and return the semantic map too
                 ):
-    "Draw `specs` on a background: the uint8 image (size, size, 3) and, per object, its polygon (N, 2) and area."
+    """Draw `specs` on a background: the uint8 image (size, size, 3) and, per object, its polygon (N, 2) and area;
+    with `stuff`, also the semantic map (size, size) uint8: 0 on objects, the stuff class 1..K elsewhere."""
     scale = size / 128
     img = paint_background(rng, size)
+    smap = None
+    if stuff is not None: img, smap = paint_stuff(stuff[0], img, stuff[1])
     diam = np.array([rng.uniform(*SIZES[s.size]) for s in specs]) * scale
     order = np.argsort(-diam, kind='stable')
     owner = np.full((size, size), -1, int)
@@ -367,7 +399,9 @@ def render_image(rng, specs, # one `ClassSpec` per object
         sub = m[y0:y1, x0:x1]
         img[y0:y1, x0:x1][sub] = col[sub]
     img = img + rng.normal(0, noise, img.shape)
-    return np.clip(np.round(img), 0, 255).astype(np.uint8), polys, areas.tolist()
+    pixels = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    if smap is None: return pixels, polys, areas.tolist()
+    return pixels, polys, areas.tolist(), np.where(owner >= 0, 0, smap).astype(np.uint8)
 
 # %% ../nbs/02_synth.ipynb #36bd3678
 SYNTH_FORMAT = 1   # bumped whenever the generator's output changes for the same parameters
@@ -404,12 +438,16 @@ def design_synthetic(seed:int=0, # the plan follows from it
                      not_exhaustive_fraction:float=0.03, # images with a deliberately unannotated extra instance
                      max_negatives:int=8, # at most this many verified-absent categories per image
                      bin_fractions=(0.2, 0.3, 0.3, 0.2), # share of the classes in each synth bin
+                     stuff_classes:int=0, # K > 0: stuff regions painted behind the objects, semantic maps written (HTC)
                     ) -> SyntheticDesign:
     "Plan the dataset (no pixel drawn): the exact classes, counts and image contents that the files will hold."
     params = dict(seed=seed, num_classes=num_classes, num_train=num_train, num_val=num_val, image_size=image_size,
                   min_objects=min_objects, max_objects=max_objects, val_min_instances=val_min_instances,
                   val_power=val_power, max_occlusion=max_occlusion, not_exhaustive_fraction=not_exhaustive_fraction,
                   max_negatives=max_negatives, bin_fractions=[float(x) for x in bin_fractions], format=SYNTH_FORMAT)
+    if stuff_classes:   # recorded only when used: a set without stuff keeps its parameters (and bytes) as before
+        if not 1 <= stuff_classes <= len(STUFF_LOOKS): raise ValueError(f"stuff_classes must be in 0..{len(STUFF_LOOKS)}")
+        params['stuff_classes'] = int(stuff_classes)
     if min(num_train, num_val) < 1 or image_size < 32:
         raise ValueError(f"need at least one train and one val image of at least 32 pixels, got {params}")
     proto = PROTOCOLS['synth']
@@ -446,7 +484,11 @@ class SyntheticPaths:
     def train_images(self) -> Path: return self.image_root   # image root to pass with `train_ann`
     @property
     def val_images(self) -> Path: return self.image_root     # image root to pass with `val_ann`
-    def keys(self): return ['root', 'image_root', 'train_ann', 'val_ann', 'train_images', 'val_images', 'reused']
+    @property
+    def semantic_root(self) -> Path|None:
+        "out_dir/semantic (maps at the images' relative paths) for a set made with stuff classes, else None."
+        return self.root / 'semantic' if (self.root / 'semantic').is_dir() else None
+    def keys(self): return ['root', 'image_root', 'train_ann', 'val_ann', 'train_images', 'val_images', 'semantic_root', 'reused']
     def __getitem__(self, key):
         if key not in self.keys(): raise KeyError(key)
         return getattr(self, key)
@@ -498,9 +540,13 @@ def _write_split(design, split, split_index, root, first_ann_id, bar):
         rng = np.random.default_rng([p['seed'], 1 + split_index, k])
         labels, hidden = plan['labels'][k], plan['hidden'][k]
         ranks = list(labels) + ([hidden] if hidden >= 0 else [])   # the unannotated extra instance comes last
-        pixels, polys, areas = render_image(rng, [design.specs[r] for r in ranks], size, p['max_occlusion'])
+        stuff = (np.random.default_rng([p['seed'], 11 + split_index, k]), p['stuff_classes']) if p.get('stuff_classes') else None
+        pixels, polys, areas, *smap = render_image(rng, [design.specs[r] for r in ranks], size, p['max_occlusion'], stuff=stuff)
         rel = f"{split}/{image_id:06d}.png"
         Image.fromarray(pixels).save(root / 'images' / rel, format='PNG')
+        if smap:   # the semantic map beside the image, as COCO-Stuff's stuffthingmaps (same relative path, PNG)
+            (root / 'semantic' / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(smap[0], mode='L').save(root / 'semantic' / rel, format='PNG')
         for r, poly, area in zip(labels, polys, areas):
             lo, hi = poly.min(0), poly.max(0)
             anns.append({'id': ann_id, 'image_id': image_id, 'category_id': design.category_ids[r],
@@ -526,6 +572,8 @@ def _is_complete(root, params) -> bool:
             d = load_json(ann)
             if d.get('info', {}).get('parameters') != want: return False
             if not all((paths.image_root / im['file_name']).is_file() for im in d['images']): return False
+            if want.get('stuff_classes') and not all((paths.root / 'semantic' / im['file_name']).is_file() for im in d['images']):
+                return False
     except (InputError, KeyError, TypeError, AttributeError): return False
     return True
 
@@ -623,6 +671,9 @@ def configure_synth_parser(parser:argparse.ArgumentParser) -> None:
                         help='side of the square images in pixels, >= 32 (default 128)')
     parser.add_argument('--min-objects', type=positive_int, default=2, help='fewest annotated objects per image (default 2)')
     parser.add_argument('--max-objects', type=positive_int, default=8, help='most annotated objects per image (default 8)')
+    parser.add_argument('--stuff-classes', type=int_range(0, len(STUFF_LOOKS)), default=0, metavar='K',
+                        help='paint K "stuff" classes behind the objects and write semantic maps to OUT/semantic (for '
+                             "HTC's semantic branch); the objects and annotations stay those of K = 0 (default 0)")
     parser.add_argument('--force', action='store_true', help='replace --out if it holds anything else')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
 
@@ -633,7 +684,7 @@ def run_synth(args) -> int:
         paths = make_synthetic(args.out, seed=args.seed, num_classes=args.num_classes, num_train=args.num_train,
                                num_val=args.num_val, image_size=args.image_size, force=args.force,
                                progress=not args.no_progress, min_objects=args.min_objects,
-                               max_objects=args.max_objects)
+                               max_objects=args.max_objects, stuff_classes=args.stuff_classes)
     except (ValueError, RuntimeError) as e:   # impossible parameters: one clear line, exit code 2
         if isinstance(e, InputError): raise
         raise InputError(args.out, f"bad parameters: {e}") from None

@@ -13,7 +13,7 @@ from .checks import add_allow_argument, parse_allow
 from .comm import init_distributed, cleanup_distributed, is_main_process
 from .checkpoint import load_detector, check_classes, meta_train_stats, preset_protocol
 from .inference import run_inference, split_results
-from .calibration import attach_calibration, load_calibration, file_sha256
+from .calibration import attach_calibration, load_calibration, file_sha256, check_head_fits
 from .detector import as_detector
 from .longtail import (CorrectionScorer, HeadScorer, counts_per_label, tau_norm_head, heldout_split,
                              search_hyperparameter, NORCAL_GAMMAS, LOGIT_ADJUSTMENT_TAUS, TAU_NORM_TAUS)
@@ -68,9 +68,12 @@ def configure_test_parser(parser:argparse.ArgumentParser) -> None:
 def check_head_detector(cal_head, # calibration checkpoint path
                         checkpoint, # the detector checkpoint it is attached to
                         allow=(), # 'other-detector': accept a head recorded for another detector
+                        model=None, # the loaded detector: the head's shape (classes, features, stages) is checked first
                        ):
-    "`InputError` if a calibration checkpoint records another detector checkpoint (SHA-256) than `checkpoint`."
-    recorded = (load_calibration(cal_head).get('detector') or {}).get('sha256')
+    "`InputError` if a calibration checkpoint does not fit `model` or records another detector checkpoint (SHA-256)."
+    ck = load_calibration(cal_head)
+    if model is not None: check_head_fits(model, ck, cal_head)   # another family or dataset: the more telling message
+    recorded = (ck.get('detector') or {}).get('sha256')
     if recorded is None or 'other-detector' in parse_allow(allow): return
     actual = file_sha256(checkpoint)
     if recorded != actual:
@@ -115,7 +118,7 @@ def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, ma
         from simcal.evaluate import GroundTruth, train_instance_counts
         gt = GroundTruth(str(ann), allow=allow); gt.check()
         train_instance_counts(train_stats, gt, allow)
-    if cal_head is not None: check_head_detector(cal_head, checkpoint, allow)
+    if cal_head is not None: check_head_detector(cal_head, checkpoint, allow, model)
     search = None
     if correction is not None:
         if search_strength:

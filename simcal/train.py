@@ -16,7 +16,8 @@ from .checks import add_allow_argument
 from .model import DetectorPreset, PRESETS, build_mask_rcnn, load_backbone_weights
 from .sampler import derived_seed
 from .comm import init_distributed, cleanup_distributed, barrier, is_main_process, seed_everything
-from .checkpoint import save_checkpoint, load_checkpoint, load_model_state, make_meta
+from .checkpoint import (save_checkpoint, load_checkpoint, load_model_state, make_meta, ALL_PRESETS,
+                               build_detector_from, load_imagenet_weights)
 from .detector import hflip_batch
 from .data import image_to_device, uint8_items
 
@@ -221,6 +222,7 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
                    allow=(), # annotation checks to skip (`simcal.checks.ALLOW`: 'degenerate-boxes', 'invalid-polygons')
                    force:bool=False, # replace a run of other settings in out_dir (default: refuse)
                    repeat_threshold:float|None=None, # RFS threshold t (LVIS paper: 0.001); None: every image once per epoch
+                   semantic_root=None, # semantic label maps for HTC's semantic branch (COCO-Stuff stuffthingmaps layout)
                   ) -> dict:
     "Train the base Mask R-CNN (one process, or one rank of a torchrun job). Returns a summary (on every rank)."
     from simcal.data import load_detection_dataset, collate_detection
@@ -236,15 +238,20 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
         else:
             torch.use_deterministic_algorithms(True, warn_only=True)
     # -- settings
-    base = PRESETS[preset] if isinstance(preset, str) else preset
-    if isinstance(preset, str) and preset not in PRESETS: raise InputError(preset, f'unknown preset; known: {", ".join(PRESETS)}')
+    if isinstance(preset, str) and preset not in ALL_PRESETS: raise InputError(preset, f'unknown preset; known: {", ".join(ALL_PRESETS)}')
+    base = ALL_PRESETS[preset] if isinstance(preset, str) else preset
     ov = dict(overrides or {})
     if iters is not None: ov['iters'] = int(iters)
     if epochs is not None: ov['epochs'] = int(epochs)
     if batch_per_gpu is not None: ov['images_per_gpu'] = int(batch_per_gpu)
     try: cfg = base.replace(**ov)
     except (TypeError, ValueError) as e: raise InputError('--set', str(e)) from None
-    ds = dataset if dataset is not None else load_detection_dataset(train_ann, image_root, train=True, allow=allow)
+    if getattr(cfg, 'semantic', False) and semantic_root is None and getattr(dataset, 'semantic_root', None) is None:
+        raise InputError('--semantic-root', f"preset {cfg.name!r} trains a semantic branch on semantic maps: pass "
+                         "--semantic-root (COCO-Stuff stuffthingmaps; for the synthetic set its 'semantic' folder, made "
+                         "by simcal data synth --stuff-classes 3), or --set semantic=false")
+    ds = dataset if dataset is not None else load_detection_dataset(train_ann, image_root, train=True, allow=allow,
+                                                                    semantic_root=semantic_root)
     if len(ds) == 0: raise InputError(train_ann, 'no training images with annotations')
     num_classes = ds.label_map.num_classes
     if cfg.num_classes is not None and cfg.num_classes != num_classes and info.is_main:
@@ -268,7 +275,7 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
     # -- model, optimizer
     seed_everything(seed, info.rank)             # Python, numpy and torch generators of this rank
     torch.manual_seed(derived_seed(seed, 0))     # the same initial weights on every rank and world size
-    model = build_mask_rcnn(num_classes, **cfg.model_kwargs())
+    model = build_detector_from(cfg, num_classes)   # Mask R-CNN or HTC (`simcal.checkpoint.FAMILIES`)
     ckpt, start = None, 0
     if resume:
         rpath = _latest_checkpoint(out_dir) if str(resume) == 'auto' else Path(resume)
@@ -285,7 +292,7 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
         load_model_state(model, ckpt['model'], rpath)
         start = int(ckpt['iteration'])
     elif backbone_weights:
-        load_backbone_weights(model, backbone_weights)
+        load_imagenet_weights(model, cfg, backbone_weights)
     elif cfg.imagenet_backbone:
         raise InputError(cfg.name, 'this preset starts from ImageNet weights: pass --backbone-weights FILE (a torchvision '
                          f'{cfg.backbone} state dict), or train from scratch with --set imagenet_backbone=false norm=bn '
@@ -394,7 +401,7 @@ def configure_train_parser(parser:argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument('--train-ann', required=True, help='training annotations (LVIS or COCO JSON)')
     p.add_argument('--image-root', required=True, help='folder the image paths of the annotations are relative to')
-    p.add_argument('--preset', default='demo', choices=sorted(PRESETS), help='model and schedule preset')
+    p.add_argument('--preset', default='demo', choices=sorted(ALL_PRESETS), help='model and schedule preset (Mask R-CNN or HTC)')
     p.add_argument('--out', required=True, type=writable_dir, help='work directory: checkpoints, metrics.jsonl, config.json')
     p.add_argument('--force', action='store_true', help='replace a run of other settings in --out (its files only; '
                    'default: refuse, so that a finished run is never half-overwritten)')
@@ -416,6 +423,8 @@ def configure_train_parser(parser:argparse.ArgumentParser) -> None:
     p.add_argument('--log-every', type=positive_int, default=20, help='iterations per line of metrics.jsonl')
     p.add_argument('--device', default=None, type=device_option, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (one process per node; default: this rank's GPU if any)")
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--semantic-root', default=None, metavar='DIR', help="semantic label maps for HTC's semantic branch "
+                   "(PNG at the images' relative paths: COCO-Stuff stuffthingmaps; the synthetic set's 'semantic' folder)")
     p.add_argument('--repeat-threshold', type=float_range(0, 1, lo_open=True), default=None, metavar='T',
                    help="repeat-factor sampling (RFS, LVIS paper) with threshold T (the paper's: 0.001); default: none, "
                         "every image once per epoch, as SimCal's base models")
@@ -431,7 +440,7 @@ def run_train(args) -> int:
                              deterministic=args.deterministic, num_workers=args.num_workers,
                              backbone_weights=args.backbone_weights, log_every=args.log_every, device=args.device,
                              progress=not args.no_progress, allow=args.allow, force=args.force,
-                             repeat_threshold=args.repeat_threshold)
+                             repeat_threshold=args.repeat_threshold, semantic_root=args.semantic_root)
         if is_main_process():
             print(f"trained {res['iterations']} iterations in {res['seconds']:.0f} s (global batch {res['global_batch']}, "
                   f"lr {res['lr']:g}); model: {res['final']}")

@@ -370,3 +370,88 @@ def test_bfloat16_autocast_on_cpu():
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert d.conv.weight.grad is not None and torch.isfinite(d.conv.weight.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HTC through the commands: train, per-stage calibration and dual-head test, under torchrun, resumed exactly
+
+def _torchrun(args, nproc=2, timeout=400):
+    import os, subprocess, sys
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={nproc}', '-m', 'simcal.cli']
+    p = subprocess.run(cmd + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def test_htc_train_calibrate_test_commands_resume_exactly(tmp_path):
+    import json, shutil, sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import TINY as TINY_SET, write_toy_lvis
+    from simcal.checkpoint import load_checkpoint, load_detector
+    from simcal.calibration import load_calibration
+    from simcal.htc import HybridTaskCascade
+    import numpy as np
+    from PIL import Image
+    ann, root = write_toy_lvis(tmp_path / 'toy', n_images=8)
+    # semantic maps for the semantic branch: stuff 1 / 2 on the left / right half, 0 on the objects' boxes
+    for im in json.loads(Path(ann).read_text())['images']:
+        m = np.ones((im['height'], im['width']), np.uint8); m[:, im['width'] // 2:] = 2
+        for a in json.loads(Path(ann).read_text())['annotations']:
+            if a['image_id'] == im['id']:
+                x, y, w, h = a['bbox']; m[y:y + h, x:x + w] = 0
+        (tmp_path / 'sem').mkdir(exist_ok=True); Image.fromarray(m).save(tmp_path / 'sem' / im['file_name'])
+    train = ['train', '--preset', 'htc_demo', '--train-ann', ann, '--image-root', root, '--semantic-root', tmp_path / 'sem',
+             '--batch-per-gpu', 1, '--iters', 4,
+             '--checkpoint-every', 2, '--num-workers', 0, '--deterministic', '--no-progress', '--set'] + TINY_SET
+    _torchrun(train + ['--out', tmp_path / 'full'])
+    (tmp_path / 'part').mkdir(); shutil.copy(tmp_path / 'full' / 'checkpoint_0000002.pth', tmp_path / 'part')
+    _torchrun(train + ['--out', tmp_path / 'part', '--resume'])
+    a, b = (load_checkpoint(tmp_path / d / 'model_final.pth') for d in ('full', 'part'))
+    assert a['meta']['family'] == 'htc' and a['meta']['train']['world_size'] == 2
+    log = [json.loads(l) for l in (tmp_path / 'full' / 'metrics.jsonl').read_text().splitlines()]
+    assert all(r['loss_semantic_seg'] > 0 for r in log)             # the semantic branch trained on the maps
+    assert [k for k in a['model'] if not torch.equal(a['model'][k], b['model'][k])] == []
+    det = tmp_path / 'full' / 'model_final.pth'
+    model, meta = load_detector(det)
+    assert isinstance(model, HybridTaskCascade) and len(model.roi_heads.stages) == 3
+    # per-stage calibration: one head per stage; stopped at 2 and resumed to 4 equals 4 straight
+    cal = ['calibrate', '--detector', det, '--train-ann', ann, '--image-root', root, '--head', '3fc_ft', '--classes-per-iter', 2,
+           '--rois-per-image', 32, '--lr-steps', 3, '--checkpoint-every', 1, '--num-workers', 0, '--no-progress']
+    _torchrun(cal + ['--out', tmp_path / 'cal', '--iters', 4])
+    _torchrun(cal + ['--out', tmp_path / 'cal_part', '--iters', 2])
+    _torchrun(cal + ['--out', tmp_path / 'cal_part', '--iters', 4, '--resume'])
+    full, part = (load_calibration(tmp_path / d / 'calibration.pt') for d in ('cal', 'cal_part'))
+    assert len(full['stage_heads']) == 2 and full['iteration'] == part['iteration'] == 4
+    for x, y in zip([full['head']] + full['stage_heads'], [part['head']] + part['stage_heads']):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    # the dual-head test of HTC, with the same command as for Mask R-CNN
+    from simcal.cli import main
+    assert main(['test', '--checkpoint', str(det), '--ann', str(ann), '--image-root', str(root), '--out', str(tmp_path / 't'),
+                 '--cal-head', str(tmp_path / 'cal' / 'calibration.pt'), '--num-workers', '0', '--no-progress',
+                 '--max-dets', '20']) == 0
+    m = json.loads((tmp_path / 't' / 'metrics.json').read_text())
+    assert m['calibration']['mode'] == 'dual' and 0 <= m['segm']['AP'] <= 1 and m['protocol'] == 'synth'
+    # bad input: the semantic branch without maps; a calibration of the other family (stage counts named)
+    import contextlib, io
+    def run(argv):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()): code = main([str(a) for a in argv])
+        return code, err.getvalue()
+    no_maps = [a for a in train if a not in ('--semantic-root', tmp_path / 'sem')]
+    code, err = run(no_maps + ['--out', tmp_path / 'x'])
+    assert code == 2 and '--semantic-root' in err and "preset 'htc_demo' trains a semantic branch" in err, err
+    code, err = run(['train', '--train-ann', ann, '--image-root', root, '--out', tmp_path / 'mrcnn', '--iters', 1,
+                     '--num-workers', 0, '--no-progress', '--set'] + TINY_SET)
+    assert code == 0, err
+    code, err = run(['calibrate', '--detector', tmp_path / 'mrcnn' / 'model_final.pth', '--train-ann', ann, '--image-root',
+                     root, '--out', tmp_path / 'mcal', '--iters', 0, '--no-progress', '--num-workers', 0])
+    assert code == 0, err
+    for ckpt, cal, msg in [(det, tmp_path / 'mcal' / 'calibration.pt', 'heads for 1 stage(s) but the detector has 3'),
+                           (tmp_path / 'mrcnn' / 'model_final.pth', tmp_path / 'cal' / 'calibration.pt',
+                            'heads for 3 stage(s) but the detector has 1')]:
+        code, err = run(['test', '--checkpoint', ckpt, '--ann', ann, '--image-root', root, '--out', tmp_path / 'bad',
+                         '--cal-head', cal, '--num-workers', 0, '--no-progress'])
+        assert code == 2 and "field 'stage_heads'" in err and msg in err, err
+        assert not (tmp_path / 'bad').exists()
