@@ -112,3 +112,29 @@ def test_retrained_classifier_through_test(det, tmp_path):
     assert code == 0, err
     m = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
     assert m['retrained'] == str(ck) and 0 <= m['segm']['AP'] <= 1
+
+
+def test_rfs_trained_detector_takes_every_fix(det, tmp_path):
+    "RFS is an option of `simcal train`; SimCal and the other fixes apply to an RFS-trained detector as to any other."
+    code, err = run(['train', '--train-ann', det['ann'], '--image-root', det['root'], '--out', tmp_path / 'rfs', '--iters', 2,
+                     '--batch-per-gpu', 2, '--num-workers', 0, '--no-progress', '--repeat-threshold', 0.5, '--set'] + TINY)
+    assert code == 0, err
+    cfg = json.loads((tmp_path / 'rfs' / 'config.json').read_text())
+    assert cfg['train']['repeat_threshold'] == 0.5
+    ckpt = tmp_path / 'rfs' / 'model_final.pth'
+    code, err = run(['calibrate', '--detector', ckpt, '--train-ann', det['ann'], '--image-root', det['root'], '--out',
+                     tmp_path / 'cal', '--iters', 2, '--classes-per-iter', 2, '--num-workers', 0, '--no-progress'])
+    assert code == 0, err
+    for extra in (['--cal-head', tmp_path / 'cal' / 'calibration.pt'], ['--correction', 'norcal', '--strength', 1]):
+        argv = cmd_test(det, tmp_path / 'test', *extra)
+        argv[argv.index('--checkpoint') + 1] = ckpt
+        code, err = run(argv + ['--no-eval'])
+        assert code == 0, err
+    # another threshold in the same folder is other settings: refused without --force, replaced whole with it
+    again = ['train', '--train-ann', det['ann'], '--image-root', det['root'], '--out', tmp_path / 'rfs', '--iters', 2,
+             '--batch-per-gpu', 2, '--num-workers', 0, '--no-progress', '--repeat-threshold', 0.1, '--set'] + TINY
+    code, err = run(again)
+    assert code == 2 and 'differs in train.repeat_threshold' in err, err
+    code, err = run(again[:-len(TINY) - 1] + ['--force', '--set'] + TINY)
+    assert code == 0, err
+    assert json.loads((tmp_path / 'rfs' / 'config.json').read_text())['train']['repeat_threshold'] == 0.1
