@@ -9,7 +9,7 @@ from PIL import Image
 from simcal.cli import main
 from simcal.core import PROTOCOLS
 from simcal import repro as simcal_repro
-from simcal.repro import REPRO_NOTEBOOKS, find_notebooks, PAPER_LVIS
+from simcal.repro import REPRO_NOTEBOOKS, EXTRA_NOTEBOOKS, find_notebooks, PAPER_LVIS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {'synth': {'num_classes': 12, 'num_train': 60, 'num_val': 24}, 'base_iters': 12, 'cal_iters': 4, 'T_values': [4],
@@ -185,6 +185,77 @@ def test_dual_equals_orig_and_cal_columns(repro):
     m = {mode: json.loads((runs / f'test_{mode}' / 'metrics.json').read_text())['segm'] for mode in ('orig', 'cal')}
     assert t[0]['AP'] == pytest.approx(round(100 * m['orig']['AP'], 2))
     assert t['inf']['AP'] == pytest.approx(round(100 * m['cal']['AP'], 2))
+
+
+# the comparison notebook (an extra of `simcal repro`): the main job's tiny parameters, so its base steps are reused;
+# tau-norm at strength 0: the zero-effect check, at no extra cost (a searched strength costs a pass per grid value)
+LONGTAIL_TINY = {**{k: TINY[k] for k in ('synth', 'base_iters', 'cal_iters', 'shared_heads')}, 'retrain_iters': 2,
+                 'strengths': {'norcal': 1.0, 'logit_adjustment': 1.0, 'tau_norm': 0.0}}
+LONGTAIL_METHODS = ['baseline', 'SimCal', 'NorCal', 'logit adjustment', 'tau-norm', 'cRT', 'LWS', 'BAGS']
+
+
+@pytest.fixture(scope='module')
+def longtail(repro):
+    "Run the comparison notebook with tiny parameters in the main job's work folder; returns (its output dir, work dir)."
+    figs, runs = repro
+    out = figs.parent / 'longtail'
+    params = [a for k, v in LONGTAIL_TINY.items() for a in ('-p', k, json.dumps(v))]
+    assert main(['repro', '--only', 'longtail.ipynb', '--out', str(out), '--work-dir', str(runs), *params]) == 0
+    return out, runs
+
+
+def test_longtail_comparison(longtail):
+    "One table (a row per method and IoU type, finite values, the published numbers labelled) and one figure."
+    out, runs = longtail
+    assert EXTRA_NOTEBOOKS == ['longtail.ipynb'] and not set(EXTRA_NOTEBOOKS) & set(REPRO_NOTEBOOKS)
+    nb = json.loads((out / 'notebooks' / 'longtail.ipynb').read_text())
+    code = [c for c in nb['cells'] if c['cell_type'] == 'code']
+    assert all(c.get('execution_count') for c in code)
+    outs = [o for c in code for o in c.get('outputs', [])]
+    assert not [o for o in outs if o.get('output_type') == 'error' or o.get('name') == 'stderr']
+    assert len([o for o in outs if 'image/png' in o.get('data', {})]) == 1
+    text = ''.join(''.join(o.get('text', '')) for o in outs)
+    for step in ('train base_demo', 'calibrate cal_heads', 'test test_orig', 'test test_dual'):
+        assert f'{step}: reused' in text, f'{step} was not reused from the paper notebooks'
+    rows = json.loads((out / 'longtail_table.json').read_text())
+    ours = [r for r in rows if r['source'] == 'ours']
+    assert [(r['method'], r['iou']) for r in ours] == [(m, iou) for m in LONGTAIL_METHODS for iou in ('bbox', 'segm')]
+    for r in ours:
+        for k in ('AP1', 'AP2', 'AP3', 'AP4', 'APr', 'APc', 'APf', 'AP', 'bAP'):
+            assert r[k] is not None and math.isfinite(r[k]) and 0.0 <= r[k] <= 100.0, (k, r)
+    pub = {(r['method'], r['iou'], r['reference']): r for r in rows if r['source'] == 'published'}
+    assert all(r['reference'] for r in pub.values())
+    assert {m for m, _, _ in pub} == {'baseline', 'SimCal', 'tau-norm', 'cRT', 'LWS', 'BAGS'}
+    simcal = [r for (m, iou, _), r in pub.items() if (m, iou) == ('SimCal', 'segm')]
+    assert simcal[0]['AP'] == PAPER_LVIS[('segm', 'r50-ag', 'cal+dual')]['AP'] and 'LVIS v0.5' in simcal[0]['reference']
+    assert [r['AP'] for (m, iou, _), r in pub.items() if m == 'cRT'] == [22.1]
+    assert (out / 'longtail_table.md').read_text().count('\n') >= 2 * len(LONGTAIL_METHODS)
+    fig = json.loads((out / 'longtail_bins.json').read_text())
+    assert list(fig['ours']) == LONGTAIL_METHODS
+    for m in fig['ours'].values():
+        for iou in ('bbox', 'segm'): _check_bins(m[iou]['bins'], 'synth')
+    _png_ok(out / 'longtail_bins.png')
+
+
+def test_longtail_strengths_and_zero_effect(longtail):
+    """tau-norm at strength 0 gives the detector's own detections (the baseline pass); the strengths given are the ones
+    recorded; each re-trained classifier is a step of its own."""
+    out, runs = longtail
+    s = json.loads((out / 'longtail_summary.json').read_text())
+    assert s['strengths'] == {'NorCal': 1.0, 'logit adjustment': 1.0, 'tau-norm': 0.0}
+    assert s['strength_search'] == {'NorCal': None, 'logit adjustment': None, 'tau-norm': None}
+    orig = json.loads((runs / 'test_orig' / 'results.json').read_text())
+    zero = json.loads((runs / 'test_tau_norm' / 'results.json').read_text())
+    key = lambda r: (r['image_id'], r['category_id'], tuple(r['bbox']))
+    assert len(orig) == len(zero) > 0
+    for a, b in zip(sorted(orig, key=key), sorted(zero, key=key)):
+        assert key(a) == key(b) and a['score'] == pytest.approx(b['score'], abs=1e-6)
+    m0, mz = (json.loads((runs / d / 'metrics.json').read_text()) for d in ('test_orig', 'test_tau_norm'))
+    for iou in ('bbox', 'segm'): assert mz[iou]['AP'] == pytest.approx(m0[iou]['AP'], abs=1e-9)
+    for method in ('crt', 'lws', 'bags'):
+        step = json.loads((runs / f'retrain_{method}' / 'step.json').read_text())
+        assert step['args'][step['args'].index('--method') + 1] == method and (runs / f'retrain_{method}' / 'retrained.pt').is_file()
+        assert json.loads((runs / f'test_{method}' / 'metrics.json').read_text())['retrained'].endswith(f'retrain_{method}/retrained.pt')
 
 
 def test_notebook_through_jupyter_server(repro, tmp_path):
