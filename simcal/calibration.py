@@ -27,10 +27,10 @@ __all__ = ['HEAD_KINDS', 'DUAL_MODES', 'CALIBRATION_FORMAT', 'CALIBRATION_FILE',
            'detector_feature_shape', 'detector_num_classes', 'build_calibration_head', 'sample_rois',
            'select_negatives', 'calibrated_columns', 'dual_head_scores', 'DualHeadScorer', 'category_fingerprint',
            'statistics_fingerprint', 'file_sha256', 'load_calibration', 'calibration_heads_from',
-           'calibration_head_from', 'check_head_fits', 'attach_calibration', 'detach_calibration', 'set_dual_mode',
-           'combine_dual_results', 'detections_to_records', 'calibration_lr_steps', 'calibration_lr',
-           'compose_calibration_batch', 'freeze_detector', 'head_kinds', 'head_dirs', 'calibrate',
-           'configure_calibrate_parser', 'run_calibrate']
+           'calibration_head_from', 'check_head_fits', 'check_same_categories', 'attach_calibration',
+           'detach_calibration', 'set_dual_mode', 'combine_dual_results', 'detections_to_records',
+           'calibration_lr_steps', 'calibration_lr', 'compose_calibration_batch', 'freeze_detector', 'head_kinds',
+           'head_dirs', 'calibrate', 'add_frozen_detector_arguments', 'configure_calibrate_parser', 'run_calibrate']
 
 # %% ../nbs/07_calibration.ipynb #5a46eb30
 HEAD_KINDS = ('2fc_rand', '3fc_rand', '3fc_ft')
@@ -292,6 +292,15 @@ def _counts_per_label(instance_counts, ck:dict, path) -> list[int]:
         raise InputError(path, f"{len(counts)} instance counts for {len(ids)} categories", field='instance_counts')
     return counts
 
+def check_same_categories(trained_ids, # the category ids a head was trained for (its checkpoint's)
+                          category_ids, # the detector's category ids in label order (None: not checked)
+                          path, what:str='head', # for the message
+                         ):
+    "`InputError` naming the file when a head trained for some categories meets a detector of others."
+    if category_ids is not None and [int(c) for c in category_ids] != [int(c) for c in trained_ids]:
+        raise InputError(path, f"the {what} was trained for categories {category_fingerprint(trained_ids)} "
+                         f"but the detector has {category_fingerprint(category_ids)} (another dataset?)", field='category_ids')
+
 def attach_calibration(model, # a detector (a model with a registered adapter, e.g. simcal.model's Mask R-CNN)
                        cal_checkpoint, # path of a calibration checkpoint (or its loaded dict)
                        mode:str='dual', # 'orig', 'cal', 'dual' or 'avg'
@@ -303,9 +312,7 @@ def attach_calibration(model, # a detector (a model with a registered adapter, e
     path = cal_checkpoint if not isinstance(cal_checkpoint, Mapping) else '<calibration checkpoint>'
     ck = load_calibration(cal_checkpoint)
     check_head_fits(model, ck, path)
-    if category_ids is not None and [int(c) for c in category_ids] != [int(c) for c in ck['category_ids']]:
-        raise InputError(path, f"the calibration head was trained for categories {category_fingerprint(ck['category_ids'])} "
-                         f"but the detector has {category_fingerprint(category_ids)} (another dataset?)", field='category_ids')
+    check_same_categories(ck['category_ids'], category_ids, path, 'calibration head')
     counts = _counts_per_label(instance_counts, ck, path)
     if threshold is None: threshold = ck.get('dual_threshold')
     if mode == 'dual' and threshold is None:
@@ -647,13 +654,19 @@ def calibrate(model, # trained detector (frozen here): a model or a `DetectorAda
     return final
 
 # %% ../nbs/07_calibration.ipynb #8021d720
-def configure_calibrate_parser(parser) -> None:
-    "Options of `simcal calibrate`."
-    p = parser
+def add_frozen_detector_arguments(p, # an argparse parser
+                                  out_help:str, # what --out holds
+                                 ) -> None:
+    "`--detector`, `--train-ann`, `--image-root`, `--out`: the inputs of a command that trains on a frozen detector."
     p.add_argument('--detector', required=True, help='detector checkpoint written by simcal train (kept frozen)')
     p.add_argument('--train-ann', required=True, help='training annotations the detector was trained on (LVIS or COCO JSON)')
     p.add_argument('--image-root', required=True, help='folder the image paths of --train-ann are relative to')
-    p.add_argument('--out', required=True, type=writable_dir, help='work directory: calibration.pt and calibration_log.jsonl (with several heads: one sub-folder per head)')
+    p.add_argument('--out', required=True, type=writable_dir, help=out_help)
+
+def configure_calibrate_parser(parser) -> None:
+    "Options of `simcal calibrate`."
+    p = parser
+    add_frozen_detector_arguments(p, 'work directory: calibration.pt and calibration_log.jsonl (with several heads: one sub-folder per head)')
     p.add_argument('--head', nargs='+', default=['3fc_ft'], choices=HEAD_KINDS, metavar='HEAD',
                    help=f"calibration head(s): {', '.join(HEAD_KINDS)} (the paper's best: 3fc_ft); several are trained on the "
                    "same sampled batches in one run, each in --out/<head>/")

@@ -21,7 +21,8 @@ from .checkpoint import load_detector, check_dataset_classes
 from .detector import as_detector
 from .data import uint8_items
 from .longtail import BAGS_BOUNDARIES, BAGS_OTHERS_RATIO, BAGSGroups, BAGSHead, CRTHead, HeadScorer, LWSHead
-from .calibration import calibration_lr, freeze_detector, sample_rois
+from .calibration import (calibration_lr, freeze_detector, sample_rois, add_frozen_detector_arguments,
+                                check_same_categories)
 from .calibration import category_fingerprint, file_sha256, statistics_fingerprint
 
 # %% auto #0
@@ -410,9 +411,7 @@ def attach_retrained(model, # a detector (a model with a registered adapter, e.g
     path = ck if not isinstance(ck, Mapping) else '<retrained classifier>'
     ck = load_retrained(ck)
     check_retrained_fits(model, ck, path)
-    if category_ids is not None and [int(c) for c in category_ids] != [int(c) for c in ck['category_ids']]:
-        raise InputError(path, f"the classifier was trained for categories {category_fingerprint(ck['category_ids'])} "
-                         f"but the detector has {category_fingerprint(category_ids)} (another dataset?)", field='category_ids')
+    check_same_categories(ck['category_ids'], category_ids, path, 'classifier')
     as_detector(model).install_scorer(HeadScorer(retrained_heads_from(ck, path)))
     return model
 
@@ -426,10 +425,7 @@ def configure_retrain_parser(parser) -> None:
     "Options of `simcal retrain`."
     from simcal.core import positive_int, non_negative_int, positive_float, non_negative_float, probability, float_range, writable_dir, device_option
     p = parser
-    p.add_argument('--detector', required=True, help='detector checkpoint written by simcal train (kept frozen)')
-    p.add_argument('--train-ann', required=True, help='training annotations the detector was trained on (LVIS or COCO JSON)')
-    p.add_argument('--image-root', required=True, help='folder the image paths of --train-ann are relative to')
-    p.add_argument('--out', required=True, type=writable_dir, help=f'work directory: {RETRAIN_FILE} and {RETRAIN_LOG}')
+    add_frozen_detector_arguments(p, f'work directory: {RETRAIN_FILE} and {RETRAIN_LOG}')
     p.add_argument('--method', required=True, choices=RETRAIN_METHODS, help='crt (fresh classifier), lws (per-class '
                    'scales of the detector\'s classifier) or bags (balanced group softmax)')
     p.add_argument('--settings', default='published', choices=sorted(SETTINGS), help='published (paper scale: cRT/LWS '

@@ -264,24 +264,8 @@ def test_attached_classifier_scores(detector, train_set, synth, tmp_path):
 def test_a_multi_stage_detector_plugs_in(detector_ckpt, train_set, tmp_path):
     # a stand-in for a cascade: the tiny Mask R-CNN seen as two stages (stage 2 re-samples its RoIs with other seeds
     # and reads the same features); only the adapter knows it
-    from simcal.detector import MaskRCNNAdapter, ScoredBoxPredictor
-
-    class TwoStage(MaskRCNNAdapter):
-        num_stages = 2
-        def _check_stage(self, stage): assert 0 <= stage < 2
-        def sample_training_rois(self, images, targets, flips, seeds, **kw):
-            s = super().sample_training_rois(images, targets, flips, seeds, **kw)
-            s2 = super().sample_training_rois(images, targets, flips, [x + 1 for x in seeds], **kw)
-            return {**s, 'stages': s['stages'] + s2['stages']}
-        def install_scorer(self, scorer):
-            super().install_scorer(scorer)
-            self.model.roi_heads.box_predictor = TwoStagePredictor(self.model.roi_heads.box_predictor.box_predictor, scorer)
-
-    class TwoStagePredictor(ScoredBoxPredictor):
-        def forward(self, x):
-            box_features, roi_features = x
-            logits, deltas = self.box_predictor(box_features)
-            return torch.log(self.scorer([logits, logits], [roi_features, roi_features])), deltas
+    sys.path.insert(0, os.path.dirname(__file__))
+    from stand_ins import TwoStageAdapter as TwoStage, TwoStagePredictor
 
     model = load_detector(detector_ckpt)[0]
     two = TwoStage(model)
