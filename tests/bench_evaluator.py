@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ('simcal', 'lvis-api', 'faster-coco-eval')
+ENGINES = ('simcal', 'lvis-api', 'faster-coco-eval', 'simcal-checks')   # simcal-checks: simcal's input validation alone
 KEYS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'APr', 'APc', 'APf', 'AR@300')
 
 
@@ -106,6 +106,11 @@ def _run_engine(engine, gt_path, res_path, iou_type, stats_name='lvis_v0.5'):
         from simcal.evaluate import evaluate_detections
         m = evaluate_detections(str(gt_path), str(res_path), iou_type=iou_type, protocol='lvis', stats=stats_name)
         return {k: m[k] for k in KEYS} | {'bAP': m['bAP'], 'bins': [b['AP'] for b in m['bins']]}
+    if engine == 'simcal-checks':   # what simcal's validation costs inside the 'simcal' row: load + check both files
+        from simcal.evaluate import GroundTruth, check_results
+        gt = GroundTruth(str(gt_path)); gt.check()
+        with open(res_path) as f: check_results(json.load(f), gt, iou_type, str(res_path))
+        return {}
     if engine == 'lvis-api':
         from simcal.evaluate import lvis_api_numpy_compat
         with lvis_api_numpy_compat():
@@ -178,12 +183,13 @@ def main(argv=None):
         for engine in args.engines:
             reps[engine] = run_one(engine, paths['gt'], paths[iou_type], iou_type)
             r = reps[engine]
+            ap = f"AP {r['metrics']['AP']:.6f}" if 'AP' in r['metrics'] else '(validation only)'
             print(f"  {iou_type:<5} {engine:<17} {r['seconds']:8.2f} s  cpu {r['cpu_seconds']:8.2f} s  "
-                  f"peak {r['peak_bytes'] / 2**20:7.0f} MiB  AP {r['metrics']['AP']:.6f}", flush=True)
+                  f"peak {r['peak_bytes'] / 2**20:7.0f} MiB  {ap}", flush=True)
         ref = reps.get('lvis-api')
         for engine, r in reps.items():
             diff = None
-            if ref is not None:
+            if ref is not None and r['metrics']:
                 diff = max(abs(r['metrics'][k] - ref['metrics'][k]) for k in KEYS
                            if r['metrics'].get(k) is not None and ref['metrics'].get(k) is not None)
             rows.append((iou_type, engine, r, ref, diff))
