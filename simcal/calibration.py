@@ -30,7 +30,8 @@ __all__ = ['HEAD_KINDS', 'DUAL_MODES', 'CALIBRATION_FORMAT', 'CALIBRATION_FILE',
            'calibration_head_from', 'check_head_fits', 'check_same_categories', 'attach_calibration',
            'detach_calibration', 'set_dual_mode', 'combine_dual_results', 'detections_to_records',
            'calibration_lr_steps', 'calibration_lr', 'compose_calibration_batch', 'freeze_detector', 'head_kinds',
-           'head_dirs', 'calibrate', 'add_frozen_detector_arguments', 'configure_calibrate_parser', 'run_calibrate']
+           'head_dirs', 'calibrate', 'loader_workers', 'add_frozen_detector_arguments', 'configure_calibrate_parser',
+           'run_calibrate']
 
 # %% ../nbs/07_calibration.ipynb #5a46eb30
 HEAD_KINDS = ('2fc_rand', '3fc_rand', '3fc_ft')
@@ -654,6 +655,13 @@ def calibrate(model, # trained detector (frozen here): a model or a `DetectorAda
     return final
 
 # %% ../nbs/07_calibration.ipynb #8021d720
+def loader_workers(num_workers:int|None, # the --num-workers given (None: not given)
+                   device, # this rank's device
+                  ) -> int:
+    "Image-loading processes: as given, else 2 on a GPU and 0 on the CPU (where they would take the step's own cores)."
+    if num_workers is not None: return int(num_workers)
+    return 2 if torch.device(device).type == 'cuda' else 0
+
 def add_frozen_detector_arguments(p, # an argparse parser
                                   out_help:str, # what --out holds
                                  ) -> None:
@@ -689,7 +697,7 @@ def configure_calibrate_parser(parser) -> None:
     p.add_argument('--seed', type=non_negative_int, default=0, help='seed of the draws, flips, RoI sampling and head initialisation')
     p.add_argument('--checkpoint-every', type=positive_int, default=1000, help='iterations between checkpoints')
     p.add_argument('--resume', action='store_true', help='continue from the heads\' calibration.pt files (exactly) if they exist; all heads together')
-    p.add_argument('--num-workers', type=non_negative_int, default=2, help='image-loading processes per rank')
+    p.add_argument('--num-workers', type=non_negative_int, default=None, help='image-loading processes per rank (default: 2 on GPU, 0 on CPU, where loader processes would take the cores the step itself uses)')
     p.add_argument('--log-every', type=positive_int, default=1, help='iterations per line of calibration_log.jsonl')
     p.add_argument('--device', default=None, type=device_option, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (one process per node; default: this rank's GPU if any)")
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -721,7 +729,7 @@ def run_calibrate(args) -> int:
                        tau=args.tau, rois_per_image=args.rois_per_image, positive_fraction=args.positive_fraction,
                        neg_iou_floor=args.neg_iou_floor, flip_prob=args.hflip_prob, hidden=args.hidden, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, resume=args.resume, detector_info=detector_info,
-                       dual_threshold=PROTOCOLS[protocol].dual_threshold, workers=args.num_workers,
+                       dual_threshold=PROTOCOLS[protocol].dual_threshold, workers=loader_workers(args.num_workers, info.device),
                        log_every=args.log_every, progress=not args.no_progress)
         if info.is_main:
             dirs = head_dirs(args.out, args.head)

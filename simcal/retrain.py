@@ -22,7 +22,7 @@ from .detector import as_detector
 from .data import uint8_items
 from .longtail import BAGS_BOUNDARIES, BAGS_OTHERS_RATIO, BAGSGroups, BAGSHead, CRTHead, HeadScorer, LWSHead
 from .calibration import (calibration_lr, freeze_detector, sample_rois, add_frozen_detector_arguments,
-                                check_same_categories)
+                                check_same_categories, loader_workers)
 from .calibration import category_fingerprint, file_sha256, statistics_fingerprint
 
 # %% auto #0
@@ -451,7 +451,7 @@ def configure_retrain_parser(parser) -> None:
     p.add_argument('--seed', type=non_negative_int, default=0, help='seed of the sampling, flips, RoI sampling and initialisation')
     p.add_argument('--checkpoint-every', type=positive_int, default=1000, help='iterations between checkpoints')
     p.add_argument('--resume', action='store_true', help=f'continue from --out/{RETRAIN_FILE} (exactly) if it exists')
-    p.add_argument('--num-workers', type=non_negative_int, default=2, help='image-loading processes per rank')
+    p.add_argument('--num-workers', type=non_negative_int, default=None, help='image-loading processes per rank (default: 2 on GPU, 0 on CPU, where loader processes would take the cores the step itself uses)')
     p.add_argument('--log-every', type=positive_int, default=1, help=f'iterations per line of {RETRAIN_LOG}')
     p.add_argument('--device', default=None, type=device_option, help="'cpu', 'cuda' (each process its local rank's GPU) or 'cuda:N' (default: this rank's GPU if any)")
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -478,7 +478,7 @@ def run_retrain(args) -> int:
                                 rois_per_image=args.rois_per_image, neg_iou_floor=args.neg_iou_floor,
                                 flip_prob=args.hflip_prob, seed=args.seed, checkpoint_every=args.checkpoint_every,
                                 resume=args.resume, detector_info=detector_info, boundaries=boundaries,
-                                head_options=options, workers=args.num_workers, log_every=args.log_every,
+                                head_options=options, workers=loader_workers(args.num_workers, info.device), log_every=args.log_every,
                                 progress=not args.no_progress, epochs=args.epochs, lr_gamma=args.lr_gamma,
                                 momentum=args.momentum, weight_decay=args.weight_decay, warmup_iters=args.warmup_iters,
                                 positive_fraction=args.positive_fraction)
