@@ -29,9 +29,9 @@ __all__ = ['HEAD_KINDS', 'DUAL_MODES', 'CALIBRATION_FORMAT', 'CALIBRATION_FILE',
            'statistics_fingerprint', 'file_sha256', 'load_calibration', 'calibration_heads_from',
            'calibration_head_from', 'check_head_fits', 'check_same_categories', 'attach_calibration',
            'detach_calibration', 'set_dual_mode', 'combine_dual_results', 'detections_to_records',
-           'calibration_lr_steps', 'calibration_lr', 'compose_calibration_batch', 'freeze_detector', 'head_kinds',
-           'head_dirs', 'calibrate', 'loader_workers', 'add_frozen_detector_arguments', 'configure_calibrate_parser',
-           'run_calibrate']
+           'calibration_lr_steps', 'calibration_lr', 'compose_calibration_batch', 'freeze_detector', 'StageHeads',
+           'read_log', 'head_kinds', 'head_dirs', 'calibrate', 'loader_workers', 'add_frozen_detector_arguments',
+           'configure_calibrate_parser', 'run_calibrate']
 
 # %% ../nbs/07_calibration.ipynb #5a46eb30
 HEAD_KINDS = ('2fc_rand', '3fc_rand', '3fc_ft')
@@ -450,17 +450,22 @@ def freeze_detector(model):
     for p in m.parameters(): p.requires_grad_(False)
     return model
 
-class _StageHeads(nn.Module):
-    "The calibration heads of all stages as one module (one DDP wrapper): features per stage -> logits per stage."
+class StageHeads(nn.Module):
+    "The heads of all stages as one module (one DDP wrapper): features per stage -> logits per stage."
     def __init__(self, heads): super().__init__(); self.heads = nn.ModuleList(heads)
     def forward(self, features:list) -> list: return [h(f) for h, f in zip(self.heads, features)]
 
 def _save(obj, path):
     with atomic_write(path, 'wb') as f: torch.save(obj, f)
 
-def _read_log(path) -> list:
+def read_log(path) -> list:
+    "The records of a JSONL log; a line torn by a killed process is left out (the resume rewrites the tail)."
     if not Path(path).is_file(): return []
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    out = []
+    for l in Path(path).read_text().splitlines():
+        try: out.append(json.loads(l))
+        except json.JSONDecodeError: pass
+    return out
 
 def head_kinds(head) -> list[str]:
     "The head kinds of a `head` argument (one kind or several); `InputError` naming `--head` for unknown or repeated kinds."
@@ -546,7 +551,7 @@ def calibrate(model, # trained detector (frozen here): a model or a `DetectorAda
                       images_per_class=images_per_class, tau=tau, lr=lr, lr_steps=list(steps), lr_gamma=lr_gamma,
                       rois_per_image=rois_per_image, positive_fraction=positive_fraction, neg_iou_floor=float(floor),
                       flip_prob=flip_prob, iters=iters)
-        stage_heads = _StageHeads(heads).to(device).train()
+        stage_heads = StageHeads(heads).to(device).train()
         optimizer = torch.optim.SGD(stage_heads.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
         runs[kind] = dict(heads=heads, module=stage_heads, optimizer=optimizer, config=config,
                           ckpt=dirs[kind] / CALIBRATION_FILE, log=dirs[kind] / LOG_FILE)
@@ -583,7 +588,7 @@ def calibrate(model, # trained detector (frozen here): a model or a `DetectorAda
     if rank == 0:
         for r in runs.values():
             r['log'].parent.mkdir(parents=True, exist_ok=True)
-            kept = [x for x in _read_log(r['log']) if x.get('iter', 0) <= start]   # an exact resume rewrites the tail
+            kept = [x for x in read_log(r['log']) if x.get('iter', 0) <= start]   # an exact resume rewrites the tail
             with atomic_write(r['log']) as f: f.writelines(json.dumps(x) + '\n' for x in kept)
     for r in runs.values():   # one DDP wrapper per head: the same gradient buckets as a run of that head alone
         r['trained'] = r['module']

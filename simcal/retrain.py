@@ -23,7 +23,7 @@ from .data import uint8_items
 from .longtail import BAGS_BOUNDARIES, BAGS_OTHERS_RATIO, BAGSGroups, BAGSHead, CRTHead, HeadScorer, LWSHead
 from .calibration import (calibration_lr, freeze_detector, sample_rois, add_frozen_detector_arguments,
                                 check_same_categories, loader_workers)
-from .calibration import category_fingerprint, file_sha256, statistics_fingerprint
+from .calibration import category_fingerprint, file_sha256, statistics_fingerprint, StageHeads, read_log
 
 # %% auto #0
 __all__ = ['RETRAIN_METHODS', 'SAMPLERS', 'PUBLISHED_SETTINGS', 'DEMO_SETTINGS', 'SETTINGS', 'RETRAIN_FORMAT', 'RETRAIN_FILE',
@@ -165,11 +165,6 @@ _RESUME_KEYS = ('method', 'seed', 'sampler', 'images_per_batch', 'lr', 'lr_steps
                 'weight_decay', 'warmup_iters', 'warmup_ratio', 'rois_per_image', 'positive_fraction', 'neg_iou_floor',
                 'flip_prob', 'head_options', 'boundaries')
 
-class _Heads(nn.Module):
-    "The heads of all stages as one module (one DDP wrapper): features per stage -> logits per stage."
-    def __init__(self, heads): super().__init__(); self.heads = nn.ModuleList(heads)
-    def forward(self, features:list) -> list: return [h(f) for h, f in zip(self.heads, features)]
-
 class _Images(torch.utils.data.Dataset):
     "Items `(image, boxes and labels, position)` for keys `(position, dataset index)`."
     def __init__(self, dataset): self.dataset = dataset
@@ -193,15 +188,6 @@ def _rank_keys(sampler, batch_size, start, stop, rank, world):
     epoch, position = sampler.locate(start, batch_size)
     for b in sampler.batches(batch_size, epoch, position, rank, world, num_iters=stop - start):
         yield [(b.first_position + j, i) for j, i in enumerate(b.indices)]
-
-def _read_log(path) -> list:
-    "The records of a JSONL log; a line torn by a killed process is left out."
-    if not Path(path).is_file(): return []
-    out = []
-    for l in Path(path).read_text().splitlines():
-        try: out.append(json.loads(l))
-        except json.JSONDecodeError: pass
-    return out
 
 def retrain_classifier(model, # trained detector (frozen here): a model or a `DetectorAdapter`
                        dataset, # training set: `class_to_indices()`, `label_map`, `stats`, items (image, target)
@@ -245,7 +231,7 @@ def retrain_classifier(model, # trained detector (frozen here): a model or a `De
                          f"the detector {det.num_classes() - 1}", field='categories')
     head_options = dict(head_options or {})
     heads = build_retrain_heads(det, method, counts, seed, boundaries, **head_options)
-    module = _Heads(heads).to(device).train()
+    module = StageHeads(heads).to(device).train()
     params = [p for h in heads for p in h.trainable_parameters()]
     optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     config = {**{k: v for k, v in asdict(s).items() if k not in ('iters', 'epochs', 'lr_steps', 'source')},
@@ -269,7 +255,7 @@ def retrain_classifier(model, # trained detector (frozen here): a model or a `De
         if 'torch' in ck.get('rng', {}): torch.set_rng_state(ck['rng']['torch'])
         if start >= iters: return ck
     if rank == 0:
-        kept = [x for x in _read_log(log_path) if x.get('iter', 0) <= start]   # an exact resume rewrites the tail
+        kept = [x for x in read_log(log_path) if x.get('iter', 0) <= start]   # an exact resume rewrites the tail
         with atomic_write(log_path) as f: f.writelines(json.dumps(x) + '\n' for x in kept)
     trained = module
     if world > 1:

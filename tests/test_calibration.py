@@ -20,15 +20,13 @@ from simcal.detector import ScoredBoxPredictor, as_detector, train_proposal_coun
 from simcal.cli import main as cli_main
 from simcal.core import InputError, PROTOCOLS, save_json
 from simcal.data import load_detection_dataset
-from simcal.model import PRESETS, build_mask_rcnn
 from simcal.sampler import BiLevelSampler
-from simcal.checkpoint import load_detector, make_meta, save_checkpoint
+from simcal.checkpoint import load_detector
+
+sys.path.insert(0, os.path.dirname(__file__))
+from stand_ins import tiny_detector, save_tiny_detector  # noqa: E402
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
-# the demo preset's structure at a size that runs in seconds; train/test proposal counts differ on purpose
-TINY = dict(fpn_channels=16, box_head_dim=32, mask_head_convs=1, mask_head_channels=16, min_size=64, max_size=64,
-            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=100,
-            rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=32, box_batch_size_per_image=32)
 T_SYNTH = PROTOCOLS['synth'].dual_threshold
 
 
@@ -46,19 +44,10 @@ def train_set(synth):
     return load_detection_dataset(synth[0], synth[1], train=True)
 
 
-def tiny_detector(num_classes, seed=0, **extra):
-    preset = PRESETS['demo'].replace(**{**TINY, **extra})
-    torch.manual_seed(seed)
-    return build_mask_rcnn(num_classes, **preset.model_kwargs()).eval(), preset
-
-
 @pytest.fixture(scope='module')
 def detector_ckpt(train_set, tmp_path_factory):
     "A tiny demo-structure detector with random weights, saved as `simcal train` would."
-    model, preset = tiny_detector(train_set.label_map.num_classes)
-    path = tmp_path_factory.mktemp('det') / 'model_final.pth'
-    save_checkpoint(path, model, make_meta(preset, train_set.label_map, stats=train_set.stats))
-    return path
+    return save_tiny_detector(tmp_path_factory.mktemp('det') / 'model_final.pth', train_set)
 
 
 @pytest.fixture(scope='module')
@@ -365,7 +354,6 @@ def test_a_multi_stage_detector_plugs_in(detector_ckpt, train_set, tmp_path):
     # A stand-in for a cascade: the tiny Mask R-CNN seen as two stages (stage 2 re-samples the RoIs with its own
     # seeds and reads the same features). Only the adapter knows it: calibration, batch composition, heads,
     # checkpoints and dual-head inference are the library's, untouched.
-    sys.path.insert(0, os.path.dirname(__file__))
     from stand_ins import TwoStageAdapter as TwoStage, TwoStagePredictor
 
     model = load_detector(detector_ckpt)[0]

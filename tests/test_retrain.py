@@ -14,20 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from simcal.checkpoint import load_detector, make_meta, save_checkpoint
+from simcal.checkpoint import load_detector
 from simcal.cli import main as cli_main
 from simcal.core import InputError
 from simcal.data import load_detection_dataset
 from simcal.detector import as_detector
 from simcal.longtail import bags_scores
-from simcal.model import PRESETS, build_mask_rcnn
 from simcal.retrain import (RETRAIN_FILE, RETRAIN_LOG, RETRAIN_METHODS, attach_retrained, build_retrain_heads,
                             detach_retrained, load_retrained, retrain_classifier)
 
+sys.path.insert(0, os.path.dirname(__file__))
+from stand_ins import tiny_detector, save_tiny_detector  # noqa: E402
+
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
-TINY = dict(fpn_channels=16, box_head_dim=32, mask_head_convs=1, mask_head_channels=16, min_size=64, max_size=64,
-            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=100,
-            rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=32, box_batch_size_per_image=32)
 # one run's settings: 4 images of 32 RoIs per iteration, no warm-up, explicit LR steps (a resumed run keeps them)
 RUN = ['--settings', 'demo', '--images-per-batch', 4, '--rois-per-image', 32, '--warmup-iters', 0, '--lr-steps', 3,
        '--seed', 3, '--no-progress', '--checkpoint-every', 2]
@@ -46,18 +45,9 @@ def train_set(synth):
     return load_detection_dataset(synth[0], synth[1], train=True, masks=False)
 
 
-def tiny_detector(num_classes, seed=0, **extra):
-    preset = PRESETS['demo'].replace(**{**TINY, **extra})
-    torch.manual_seed(seed)
-    return build_mask_rcnn(num_classes, **preset.model_kwargs()).eval(), preset
-
-
 @pytest.fixture(scope='module')
 def detector_ckpt(train_set, tmp_path_factory):
-    model, preset = tiny_detector(train_set.label_map.num_classes)
-    path = tmp_path_factory.mktemp('det') / 'model_final.pth'
-    save_checkpoint(path, model, make_meta(preset, train_set.label_map, stats=train_set.stats))
-    return path
+    return save_tiny_detector(tmp_path_factory.mktemp('det') / 'model_final.pth', train_set)
 
 
 @pytest.fixture(scope='module')
@@ -264,7 +254,6 @@ def test_attached_classifier_scores(detector, train_set, synth, tmp_path):
 def test_a_multi_stage_detector_plugs_in(detector_ckpt, train_set, tmp_path):
     # a stand-in for a cascade: the tiny Mask R-CNN seen as two stages (stage 2 re-samples its RoIs with other seeds
     # and reads the same features); only the adapter knows it
-    sys.path.insert(0, os.path.dirname(__file__))
     from stand_ins import TwoStageAdapter as TwoStage, TwoStagePredictor
 
     model = load_detector(detector_ckpt)[0]
