@@ -27,8 +27,8 @@ __all__ = ['HEAD_KINDS', 'DUAL_MODES', 'CALIBRATION_FORMAT', 'CALIBRATION_FILE',
            'detector_feature_shape', 'detector_num_classes', 'build_calibration_head', 'sample_rois',
            'select_negatives', 'calibrated_columns', 'dual_head_scores', 'DualHeadScorer', 'category_fingerprint',
            'statistics_fingerprint', 'file_sha256', 'load_calibration', 'calibration_heads_from',
-           'calibration_head_from', 'check_head_fits', 'check_same_categories', 'attach_calibration',
-           'detach_calibration', 'set_dual_mode', 'combine_dual_results', 'detections_to_records',
+           'calibration_head_from', 'check_head_fits', 'check_same_categories', 'calibration_scorer',
+           'attach_calibration', 'detach_calibration', 'set_dual_mode', 'combine_dual_results', 'detections_to_records',
            'calibration_lr_steps', 'calibration_lr', 'compose_calibration_batch', 'freeze_detector', 'StageHeads',
            'read_log', 'head_kinds', 'head_dirs', 'calibrate', 'loader_workers', 'add_frozen_detector_arguments',
            'configure_calibrate_parser', 'run_calibrate']
@@ -302,14 +302,14 @@ def check_same_categories(trained_ids, # the category ids a head was trained for
         raise InputError(path, f"the {what} was trained for categories {category_fingerprint(trained_ids)} "
                          f"but the detector has {category_fingerprint(category_ids)} (another dataset?)", field='category_ids')
 
-def attach_calibration(model, # a detector (a model with a registered adapter, e.g. simcal.model's Mask R-CNN)
+def calibration_scorer(model, # a detector (a model with a registered adapter, e.g. simcal.model's Mask R-CNN)
                        cal_checkpoint, # path of a calibration checkpoint (or its loaded dict)
                        mode:str='dual', # 'orig', 'cal', 'dual' or 'avg'
                        threshold:float|None=None, # T; None = the checkpoint's (its protocol's dual threshold)
                        instance_counts=None, # None = the checkpoint's; {category id: count} or a per-label sequence
                        category_ids=None, # the detector's category ids in label order, if known: checked
-                      ):
-    "Install a calibration head in `model` for dual-head inference (in place; returns `model`)."
+                      ) -> DualHeadScorer:
+    "The `DualHeadScorer` of a calibration checkpoint for `model`, checked to fit it (not installed)."
     path = cal_checkpoint if not isinstance(cal_checkpoint, Mapping) else '<calibration checkpoint>'
     ck = load_calibration(cal_checkpoint)
     check_head_fits(model, ck, path)
@@ -318,8 +318,12 @@ def attach_calibration(model, # a detector (a model with a registered adapter, e
     if threshold is None: threshold = ck.get('dual_threshold')
     if mode == 'dual' and threshold is None:
         raise InputError(path, "no dual threshold stored: pass threshold=T", field='dual_threshold')
-    det = as_detector(model)
-    det.install_scorer(DualHeadScorer(calibration_heads_from(ck), counts, mode, threshold))
+    return DualHeadScorer(calibration_heads_from(ck), counts, mode, threshold).to(as_detector(model).device)
+
+def attach_calibration(model, cal_checkpoint, mode:str='dual', threshold:float|None=None, instance_counts=None,
+                       category_ids=None):
+    "Install a calibration head in `model` for dual-head inference (in place; returns `model`); arguments as `calibration_scorer`."
+    as_detector(model).install_scorer(calibration_scorer(model, cal_checkpoint, mode, threshold, instance_counts, category_ids))
     return model
 
 def detach_calibration(model):

@@ -13,9 +13,10 @@ from .model import DetectorPreset, PRESETS, build_mask_rcnn, load_backbone_weigh
 from .htc import HTCPreset, HTC_PRESETS, build_htc_model, load_htc_backbone_weights
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'FAMILIES', 'ALL_PRESETS', 'preset_family', 'build_detector_from', 'load_imagenet_weights',
-           'unwrap', 'save_checkpoint', 'load_checkpoint', 'load_model_state', 'make_meta', 'meta_train_stats',
-           'meta_instance_counts', 'load_detector', 'check_dataset_classes', 'check_classes', 'preset_protocol']
+__all__ = ['CHECKPOINT_FORMAT', 'FAMILIES', 'ALL_PRESETS', 'FREEZABLE', 'preset_family', 'build_detector_from',
+           'load_imagenet_weights', 'unwrap', 'save_checkpoint', 'load_checkpoint', 'load_model_state', 'make_meta',
+           'meta_train_stats', 'meta_instance_counts', 'load_detector', 'check_dataset_classes', 'check_classes',
+           'preset_protocol', 'init_from_checkpoint', 'freeze_parts']
 
 # %% ../nbs/05b_checkpoint.ipynb #d437dc48
 CHECKPOINT_FORMAT = 'simcal.detector'
@@ -172,3 +173,42 @@ def preset_protocol(meta:dict) -> str:
     "The evaluation protocol that fits a model's preset: 'coco_lt', 'synth' (the demo) or 'lvis'."
     name = meta.get('preset', '')
     return 'coco_lt' if name.startswith('coco') else 'synth' if name == 'demo' or name.endswith('_demo') else 'lvis'
+
+# %% ../nbs/05b_checkpoint.ipynb #9c0f36eb
+FREEZABLE = ('backbone', 'backbone.body', 'backbone.fpn', 'rpn')
+
+def _source_key(key:str, source:dict) -> str|None:
+    "The source tensor for target `key`: the same name, or a plain conv's for a deformable conv (`X.conv2.conv.weight` <- `X.conv2.weight`)."
+    if key in source: return key
+    if '.conv2.conv.' in key:
+        alt = key.replace('.conv2.conv.', '.conv2.')
+        if alt in source: return alt
+    return None
+
+def init_from_checkpoint(model:nn.Module, # a freshly built detector
+                         path, # a simcal checkpoint (any family)
+                        ) -> dict:
+    "Copy every tensor of the checkpoint's model whose name and shape match into `model`; `{'checkpoint', 'copied', 'kept'}`."
+    src = load_checkpoint(path)['model']
+    target = model.state_dict()
+    copied, kept = [], []
+    with torch.no_grad():
+        for k, v in target.items():
+            s = _source_key(k, src)
+            if s is not None and tuple(src[s].shape) == tuple(v.shape): v.copy_(src[s]); copied.append(k)
+            else: kept.append(k)
+    if not copied: raise InputError(path, 'no tensor of this checkpoint matches the model (another architecture?)', field='model')
+    return {'checkpoint': Path(path).name, 'copied': len(copied), 'kept': len(kept),
+            'parts': sorted({k.split('.')[0] for k in copied})}
+
+def freeze_parts(model:nn.Module, # a detector
+                 parts, # names among FREEZABLE
+                ) -> list[nn.Module]:
+    "Stop the gradients of `parts` of `model`; returns their modules (to keep in eval mode while training)."
+    mods = []
+    for name in parts:
+        if name not in FREEZABLE: raise InputError('--freeze', f"{name!r}: one of {', '.join(FREEZABLE)}")
+        m = model.get_submodule(name)
+        for p in m.parameters(): p.requires_grad_(False)
+        mods.append(m)
+    return mods

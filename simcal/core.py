@@ -11,7 +11,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['PROTOCOLS', 'positive_int', 'non_negative_int', 'positive_float', 'non_negative_float', 'probability', 'TABLES',
            'Protocol', 'bin_edges', 'bin_index', 'bin_label', 'InputError', 'atomic_write', 'save_json', 'load_json',
-           'int_range', 'float_range', 'writable_file', 'writable_dir', 'device_option', 'table_path']
+           'int_range', 'float_range', 'writable_file', 'writable_dir', 'device_option', 'named_heads', 'plan_variants',
+           'table_path']
 
 # %% ../nbs/00_core.ipynb #9e42164c
 @dataclass(frozen=True)
@@ -182,6 +183,45 @@ def device_option(text:str) -> str:
     if not _DEVICE_FORM.fullmatch(text):
         raise argparse.ArgumentTypeError(f"must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got {text!r}")
     return text
+
+# %% ../nbs/00_core.ipynb #516d6c2a
+def named_heads(values, # --cal-head values: 'CHECKPOINT' or 'NAME=CHECKPOINT'
+               ) -> list[tuple[str, str]]:
+    "`(name, checkpoint)` of each calibration head; a name defaults to the checkpoint's folder name (or its file name)."
+    out = []
+    for v in values:
+        name, sep, path = str(v).partition('=')
+        if not sep or not name or '/' in name: name, path = None, str(v)   # a path with '=' in a folder name
+        out.append((name or Path(path).parent.name or Path(path).stem, path))
+    names = [n for n, _ in out]
+    for n in names:
+        if names.count(n) > 1:
+            raise InputError('--cal-head', f"two heads are named {n!r}: name them, e.g. --cal-head A=path1 B=path2")
+        if not n.replace('_', '').replace('-', '').replace('.', '').isalnum():
+            raise InputError('--cal-head', f"head name {n!r}: letters, digits, '_', '-' and '.' only (it names a folder)")
+    return out
+
+def plan_variants(heads:list, # `named_heads`: [(name, checkpoint)]
+                  modes:list|None=None, # None: ['dual']
+                  thresholds:list|None=None, # T values of 'dual' (None: each head's stored T)
+                 ) -> list[dict]:
+    """Every (head, mode, T) combination once: `{'name', 'head', 'cal_head', 'mode', 'dual_threshold'}`. 'orig' is one variant
+    whatever the heads; T applies to 'dual' only. A name has the head (with several heads), the mode, and T (with several
+    thresholds): 'orig', 'dual', '3fc_ft.cal', '2fc_rand.dual_T4'."""
+    modes = list(dict.fromkeys(modes or ['dual'])); thresholds = list(dict.fromkeys(thresholds or [None]))
+    out = []
+    for name, path in heads:
+        for mode in modes:
+            if mode == 'orig':
+                if not any(v['mode'] == 'orig' for v in out):
+                    out.append({'name': 'orig', 'head': name, 'cal_head': path, 'mode': 'orig', 'dual_threshold': None})
+                continue
+            for T in (thresholds if mode == 'dual' else [None]):
+                label = f'dual_T{T:g}' if (mode == 'dual' and len(thresholds) > 1) else mode
+                out.append({'name': f'{name}.{label}' if len(heads) > 1 else label, 'head': name, 'cal_head': path,
+                            'mode': mode, 'dual_threshold': T})
+    return out
+
 
 # %% ../nbs/00_core.ipynb #09451850
 TABLES = {

@@ -10,11 +10,12 @@ import torch
 import torch.nn as nn
 from torchvision.ops import boxes as box_ops
 from .data import image_to_device
+from .model import mask_probabilities
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'hflip_batch', 'DetectorAdapter', 'register_adapter', 'as_detector', 'train_proposal_counts',
-           'roi_sampling_settings', 'BoxHeadWithFeatures', 'ScoredBoxPredictor', 'postprocess_log_probabilities',
-           'MaskRCNNAdapter']
+__all__ = ['ADAPTERS', 'hflip_batch', 'DetectorAdapter', 'register_adapter', 'as_detector', 'variants_by_forwards',
+           'distinct_rows', 'detect_variants_shared', 'train_proposal_counts', 'roi_sampling_settings',
+           'BoxHeadWithFeatures', 'ScoredBoxPredictor', 'postprocess_log_probabilities', 'MaskRCNNAdapter']
 
 # %% ../nbs/05c_detector.ipynb #28537d08
 def hflip_batch(images:list, targets:list, flips:list) -> tuple[list, list]:
@@ -73,6 +74,14 @@ class DetectorAdapter:
     def install_scorer(self, scorer:nn.Module): raise NotImplementedError
     def remove_scorer(self): raise NotImplementedError
     def scorer(self) -> nn.Module|None: raise NotImplementedError
+    # 5. several scorers in one pass
+    def detect_variants(self, images:list, # float images on the model's device (the model in eval mode)
+                        scorers:list, # one scorer per variant; None: the detector as it is (its installed scorer, if any)
+                       ) -> list[dict]:
+        """Per image `{'variants': [{'boxes', 'scores', 'labels'[, 'mask_index']} per scorer], 'masks': (U, 1, H, W)}`:
+        what `model(images)` gives with each scorer installed, each variant's masks being `masks[mask_index]`.
+        This generic version runs the model once per scorer; a family shares what does not depend on the scores."""
+        return variants_by_forwards(self, images, scorers)
 
 ADAPTERS = []
 
@@ -88,6 +97,79 @@ def as_detector(model, meta:dict|None=None) -> DetectorAdapter:
         if cls.accepts(model): return cls.from_meta(model, meta) if meta is not None else cls(model)
     raise TypeError(f"no detector adapter for {type(model).__name__}; known: {', '.join(c.__name__ for c in ADAPTERS)} "
                     "(register one with simcal.detector.register_adapter)")
+
+# %% ../nbs/05c_detector.ipynb #bc2efaa0
+def variants_by_forwards(det, images:list, scorers:list) -> list[dict]:
+    "`DetectorAdapter.detect_variants` by one forward of `det.model` per scorer (installed in turn, then restored)."
+    outs = []
+    for s in scorers:
+        if s is None: outs.append(det.model(images)); continue
+        saved = det.scorer()
+        det.install_scorer(s)
+        try: outs.append(det.model(images))
+        finally:
+            det.remove_scorer()
+            if saved is not None: det.install_scorer(saved)
+    per_image = []
+    for i in range(len(images)):
+        variants, masks, n = [], [], 0
+        for o in outs:
+            v = {k: o[i][k] for k in ('boxes', 'scores', 'labels')}
+            if 'masks' in o[i]:
+                v['mask_index'] = torch.arange(n, n + len(o[i]['masks']), device=o[i]['masks'].device)
+                masks.append(o[i]['masks']); n += len(o[i]['masks'])
+            variants.append(v)
+        per_image.append({'variants': variants, **({'masks': torch.cat(masks)} if masks else {})})
+    return per_image
+
+def distinct_rows(keys:torch.Tensor, # (N, K) rows (boxes, or boxes with their label)
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(first, inverse)`: the index of one row of each distinct value, and each row's distinct value (`keys[first][inverse] == keys`)."
+    if len(keys) == 0: return keys.new_zeros((0,), dtype=torch.long), keys.new_zeros((0,), dtype=torch.long)
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    first = torch.empty(int(inverse.max()) + 1, dtype=torch.long, device=keys.device)
+    first.scatter_(0, inverse, torch.arange(len(keys), device=keys.device))
+    return first, inverse
+
+def detect_variants_shared(det, images:list, scorers:list) -> list[dict]:
+    """`DetectorAdapter.detect_variants` of a torchvision `GeneralizedRCNN` whose adapter scores the variants
+    (`_score_variants`) and gives masks of boxes (`_variant_masks`, `_class_agnostic_masks`)."""
+    model = det.model
+    if model.training: raise ValueError("detect_variants needs the model in eval mode (call model.eval())")
+    scorers = [s if s is not None else det.scorer() for s in scorers]
+    original_sizes = [tuple(im.shape[-2:]) for im in images]
+    image_list, _ = model.transform(images)
+    features = model.backbone(image_list.tensors)
+    if isinstance(features, torch.Tensor): features = OrderedDict([('0', features)])
+    proposals, _ = model.rpn(image_list, features)
+    sizes = image_list.image_sizes
+    state = det._variant_state(features, proposals, sizes)
+    dets = [det._score_variants(state, s) for s in scorers]   # per variant: (boxes, scores, labels) per image
+    has_mask = det._has_mask()
+    agnostic = has_mask and det._class_agnostic_masks()
+    firsts, inverses, distinct = [], [], []
+    for i in range(len(images)):
+        boxes = torch.cat([d[0][i] for d in dets]); labels = torch.cat([d[2][i] for d in dets])
+        keys = boxes if (agnostic or not has_mask) else torch.cat([boxes, labels[:, None].to(boxes.dtype)], 1)
+        first, inverse = distinct_rows(keys)
+        firsts.append(first); inverses.append(inverse)
+        distinct.append({'boxes': boxes[first], 'labels': labels[first]})
+    if has_mask:
+        masks = det._variant_masks(state, [d['boxes'] for d in distinct], [d['labels'] for d in distinct])
+        for d, m in zip(distinct, masks): d['masks'] = m
+    distinct = model.transform.postprocess([{k: v for k, v in d.items() if k != 'labels'} for d in distinct],
+                                           sizes, original_sizes)   # boxes to the image's size, masks pasted
+    out = []
+    for i, d in enumerate(distinct):
+        variants, start = [], 0
+        for boxes_v, scores_v, labels_v in dets:
+            b, s, l = boxes_v[i], scores_v[i], labels_v[i]
+            idx = inverses[i][start:start + len(b)]; start += len(b)
+            v = {'boxes': d['boxes'][idx], 'scores': s, 'labels': l}
+            if has_mask: v['mask_index'] = idx
+            variants.append(v)
+        out.append({'variants': variants, **({'masks': d['masks']} if has_mask else {})})
+    return out
 
 # %% ../nbs/05c_detector.ipynb #48086146
 @contextlib.contextmanager
@@ -260,3 +342,25 @@ class MaskRCNNAdapter(DetectorAdapter):
     def scorer(self):
         pred = self.model.roi_heads.box_predictor
         return pred.scorer if isinstance(pred, ScoredBoxPredictor) else None
+
+    # several scorers in one pass: RoI features once, `SimCalRoIHeads.forward`'s scoring per scorer, masks per box
+    def detect_variants(self, images, scorers): return detect_variants_shared(self, images, scorers)
+    def _has_mask(self) -> bool: return self.model.roi_heads.has_mask()
+    def _class_agnostic_masks(self) -> bool:
+        return self.model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 1
+    def _variant_state(self, features, proposals, sizes):
+        rh = self.model.roi_heads
+        box_head, predictor = self._heads()
+        x = rh.box_roi_pool(features, proposals, sizes)
+        logits, deltas = predictor(box_head(x))
+        return {'features': features, 'proposals': proposals, 'sizes': sizes, 'x': x, 'logits': logits, 'deltas': deltas}
+    def _score_variants(self, st, scorer):
+        rh = self.model.roi_heads
+        if scorer is None:   # the class's own postprocessing (softmax), not a scorer's patched onto the instance
+            return type(rh).postprocess_detections(rh, st['logits'].float(), st['deltas'].float(), st['proposals'], st['sizes'])
+        log_p = torch.log(scorer([st['logits']], [st['x']])).float()   # as ScoredBoxPredictor, then SimCalRoIHeads
+        return postprocess_log_probabilities(rh, log_p, st['deltas'].float(), st['proposals'], st['sizes'])
+    def _variant_masks(self, st, boxes:list, labels:list) -> list:
+        rh = self.model.roi_heads
+        logits = rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(st['features'], boxes, st['sizes'])))
+        return mask_probabilities(logits, labels)

@@ -8,10 +8,12 @@ import contextlib
 from collections import OrderedDict
 import torch
 import torch.nn as nn
-from .htc import HTCRoIHeads, refine_boxes, sample_stage
+import torch.nn.functional as F
+from .htc import HTCRoIHeads, refine_boxes, sample_stage, postprocess_probabilities
+from .model import mask_probabilities
 from .data import image_to_device
 from .detector import (DetectorAdapter, hflip_batch, register_adapter, roi_sampling_settings,
-                             train_proposal_counts)
+                             train_proposal_counts, detect_variants_shared)
 
 # %% auto #0
 __all__ = ['STAGE_PROPOSALS', 'HTCAdapter']
@@ -117,3 +119,25 @@ class HTCAdapter(DetectorAdapter):
         return self.model
 
     def scorer(self): return self.model.roi_heads.scorer
+
+    # several scorers in one pass: the cascade once, `HTCRoIHeads._forward_test`'s scoring per scorer, masks per box
+    def detect_variants(self, images, scorers): return detect_variants_shared(self, images, scorers)
+    def _has_mask(self) -> bool: return self.model.roi_heads.has_mask()
+    def _class_agnostic_masks(self) -> bool:
+        return self.model.roi_heads.mask_heads[0].predictor.mask_fcn_logits.out_channels == 1
+    def _variant_state(self, features, proposals, sizes):
+        rh = self.model.roi_heads
+        semantic, _ = rh._semantic(features, sizes, None)
+        return {'features': features, 'sizes': sizes, 'semantic': semantic,
+                'stages': rh.stage_outputs(features, proposals, sizes, semantic)}
+    def _score_variants(self, st, scorer):
+        rh, o = self.model.roi_heads, st['stages']
+        probs = (scorer(o['logits'], o['features']) if scorer is not None else
+                 F.softmax(sum(o['logits']) / len(o['logits']), -1)).float()
+        return postprocess_probabilities(rh.stages[-1], probs, o['deltas'][-1], o['rois'][-1], st['sizes'],
+                                         rh.score_thresh, rh.nms_thresh, rh.detections_per_img)
+    def _variant_masks(self, st, boxes:list, labels:list) -> list:
+        rh = self.model.roi_heads
+        if sum(len(b) for b in boxes) == 0: return [b.new_zeros((0, 1, 28, 28)) for b in boxes]
+        per_stage = [mask_probabilities(z, labels) for z in rh.mask_logits(st['features'], boxes, st['sizes'], st['semantic'])]
+        return [sum(p[i] for p in per_stage) / len(per_stage) for i in range(len(boxes))]

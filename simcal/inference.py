@@ -31,13 +31,17 @@ def masks_to_rles(masks:torch.Tensor, # [N, 1, H, W] probabilities or [N, H, W] 
 def detections_to_results(output:dict, # one image's model output (boxes XYXY, scores, labels, masks)
                           image_id:int, label_map, # label -> category id
                           mask_thresh:float=0.5,
+                          mask_rles:list|None=None, # with `output['mask_index']`: the RLEs it indexes (shared masks)
                          ) -> list[dict]:
     "LVIS/COCO result records of one image: box, score (full float32 precision) and, with masks, the RLE."
     boxes = output['boxes'].detach().cpu().double()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
     scores = output['scores'].detach().cpu().float().tolist()   # exact float32 values
     labels = output['labels'].detach().cpu().tolist()
-    rles = masks_to_rles(output['masks'], mask_thresh) if 'masks' in output else [None] * len(scores)
+    if 'mask_index' in output:
+        if mask_rles is None: raise ValueError("output['mask_index'] indexes shared masks: pass their mask_rles")
+        rles = [dict(mask_rles[i]) for i in output['mask_index'].tolist()]
+    else: rles = masks_to_rles(output['masks'], mask_thresh) if 'masks' in output else [None] * len(scores)
     out = []
     for b, s, l, r in zip(xywh, scores, labels, rles):
         rec = {'image_id': int(image_id), 'category_id': int(label_map.category_id(int(l))),
@@ -80,11 +84,19 @@ def run_inference(model:nn.Module, # a detector (eval mode is set here)
                   device=None, # default: the model's device
                   amp:bool=False, # autocast (FP16 on CUDA, bfloat16 on CPU)
                   progress:bool=True, # tqdm bar on rank 0
-                 ) -> list[dict]:
-    "LVIS-format results over `dataset`, sharded across ranks; all results on rank 0 (other ranks get [])."
+                  scorers:list|None=None, # several variants in one pass: one scorer each (None in it: the detector as it is)
+                 ) -> list:
+    """LVIS-format results over `dataset`, sharded across ranks; all results on rank 0 (other ranks get []).
+    With `scorers`, one result list per scorer (`DetectorAdapter.detect_variants`: what does not depend on the
+    scores, masks included, computed once)."""
     from simcal.data import collate_detection
+    from simcal.detector import as_detector
     from tqdm.auto import tqdm
     net = unwrap(model).eval()
+    variants = [None] if scorers is None else list(scorers)
+    try: det = as_detector(net)
+    except TypeError: det = None     # a model without an adapter: its own forward, one variant
+    if det is None and scorers is not None: raise TypeError(f"several scorers need a detector adapter; {type(net).__name__} has none")
     heads = net.roi_heads
     saved = (heads.score_thresh, heads.detections_per_img)
     if score_thresh is not None: heads.score_thresh = float(score_thresh)
@@ -100,17 +112,25 @@ def run_inference(model:nn.Module, # a detector (eval mode is set here)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images_only(dataset), shard), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=collate_detection,
                                          pin_memory=device.type == 'cuda')
-    results = []
+    results = [[] for _ in variants]
+    floats = lambda o: {k: v.float() if v.is_floating_point() else v for k, v in o.items()}
     try:
         for images, targets in tqdm(loader, disable=not (progress and rank == 0), desc='inference', dynamic_ncols=True):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                outputs = net([image_to_device(im, device) for im in images])   # uint8 images: float there
-            for out, t in zip(outputs, targets):
-                results += detections_to_results({k: v.float() for k, v in out.items()}, t['image_id'], label_map, mask_thresh)
+                images = [image_to_device(im, device) for im in images]   # uint8 images: float there
+                if det is None: per_image = [{'variants': [o]} for o in net(images)]
+                else: per_image = det.detect_variants(images, variants)
+            for out, t in zip(per_image, targets):
+                rles = masks_to_rles(out['masks'].float(), mask_thresh) if 'masks' in out else None   # once per mask
+                for res, o in zip(results, out['variants']):
+                    res += detections_to_results(floats(o), t['image_id'], label_map, mask_thresh, rles)
     finally:
         heads.score_thresh, heads.detections_per_img = saved
     gathered = gather_to_main(results)       # rank 0 only: the other ranks' results never reach each other
-    if gathered is None: return []
-    merged = [r for part in gathered for r in part]
-    merged.sort(key=lambda r: (r['image_id'], -r['score']))
-    return merged
+    if gathered is None: return [] if scorers is None else [[] for _ in variants]
+    merged = []
+    for v in range(len(variants)):
+        m = [r for part in gathered for r in part[v]]
+        m.sort(key=lambda r: (r['image_id'], -r['score']))
+        merged.append(m)
+    return merged[0] if scorers is None else merged

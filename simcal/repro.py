@@ -6,16 +6,17 @@
 from __future__ import annotations
 import collections, json, math, os, re, shlex, shutil, subprocess, sys, threading, time
 from pathlib import Path
-from .core import save_json, load_json, InputError, atomic_write, writable_dir
+from .core import save_json, load_json, InputError, atomic_write, writable_dir, plan_variants
 
 # %% auto #0
 __all__ = ['PAPER_COLUMNS', 'PAPER_LVIS', 'PAPER_COCO_LT', 'PAPER_T_SWEEP', 'PAPER_HEADS', 'PAPER_CAL_STEPS_AP', 'PAPER_BIN_BASE',
-           'PAPER_BIN_COUNT', 'STATUS_ENV', 'LVIS_RULES_TWIN', 'REPRO_NOTEBOOKS', 'EXTRA_NOTEBOOKS', 'metrics_row',
-           'comparison_table', 'save_table', 'show_figure', 'available_cpus', 'report_status', 'end_process_group',
-           'torchrun', 'device_kind', 'step_key', 'train_base', 'calibrate_heads', 'calibrate_head', 'test_model',
-           'repo_root', 'retrain_step', 'correction_args', 'coco_rules_filter', 'coco_rules_from', 'find_notebooks',
-           'run_notebook', 'relative_to_checkout', 'StatusPrinter', 'timing_table', 'configure_repro_parser',
-           'notebook_parameters', 'run_repro']
+           'PAPER_BIN_COUNT', 'PAPER_HTC', 'STATUS_ENV', 'LVIS_RULES_TWIN', 'REPRO_NOTEBOOKS', 'EXTRA_NOTEBOOKS',
+           'metrics_row', 'comparison_table', 'save_table', 'show_figure', 'available_cpus', 'report_status',
+           'end_process_group', 'torchrun', 'device_kind', 'step_key', 'train_base', 'calibrate_heads',
+           'calibrate_head', 'test_model', 'test_variants', 'pick_variant', 'repo_root', 'retrain_step',
+           'correction_args', 'coco_rules_filter', 'coco_rules_from', 'find_notebooks', 'run_notebook',
+           'relative_to_checkout', 'StatusPrinter', 'timing_table', 'configure_repro_parser', 'notebook_parameters',
+           'run_repro']
 
 # %% ../nbs/91_repro.ipynb #a5ae1f19
 PAPER_COLUMNS = ['AP1', 'AP2', 'AP3', 'AP4', 'APr', 'APc', 'APf', 'AP']
@@ -70,6 +71,14 @@ PAPER_BIN_BASE = {'f': [8, 9, 10, 11, 12, 13, 14, 15],
                   'bin_sizes': [[51, 250, 276, 253], [62, 278, 276, 214], [67, 298, 284, 181], [71, 325, 280, 154],
                                 [77, 348, 282, 123], [81, 362, 289, 98], [85, 377, 297, 71], [90, 386, 301, 53]]}
 PAPER_BIN_COUNT = {'m': [2, 3, 4], 'SimCal': [19.7, 21.3, 23.4], 'IS': [19.1, 20.6, 22.5]}
+
+# HTC X101-64x4d-DCN-MS with the semantic branch, LVIS v0.5 val, mask AP (the release README's htc.png)
+PAPER_HTC = _rows('''
+segm | htc-x101 | baseline | 5.6 33.0 33.7 37.0 13.7 34.0 36.6 31.9
+segm | htc-x101 | IS       | 10.2 32.3 33.2 36.6 17.6 33.0 36.1 31.9
+segm | htc-x101 | 2fc_rand | 12.9 32.2 33.5 37.1 18.5 33.3 36.1 32.1
+segm | htc-x101 | 3fc_ft   | 18.8 34.9 33.0 36.7 24.7 33.7 36.4 33.4
+''')
 
 # %% ../nbs/91_repro.ipynb #efea6091
 def metrics_row(m:dict) -> dict:
@@ -332,6 +341,47 @@ def test_model(checkpoint, ann, image_root, out, # detector checkpoint, evaluati
     m = load_json(Path(out) / 'metrics.json'); m['results'] = str(Path(out) / 'results.json')
     return m
 
+def test_variants(checkpoint, ann, image_root, out, # detector checkpoint, evaluation set, its images, output folder
+                  stats, # training statistics for the bins
+                  protocol:str, # simcal.core.PROTOCOLS name
+                  cal_heads:dict, # {name: calibration head checkpoint}
+                  modes=('orig', 'cal', 'dual'), # combined with every head (`simcal.core.plan_variants`)
+                  thresholds=None, # T values of mode 'dual' (None: each head's stored T)
+                  extra:list=(), # more `simcal test` options
+                  **launch) -> dict:
+    """One `simcal test` pass scoring the detector every (head, mode, T) way; returns `{variant name: metrics}` (each
+    with its results path under 'results' and `{'head', 'mode', 'dual_threshold'}` under 'variant'), names as
+    `simcal.core.plan_variants` gives them."""
+    heads = [(str(n), str(p)) for n, p in cal_heads.items()]
+    variants = plan_variants(heads, list(modes), None if thresholds is None else list(thresholds))
+    args = ['test', '--checkpoint', checkpoint, '--ann', ann, '--image-root', image_root, '--out', out, '--stats', stats,
+            '--protocol', protocol, '--cal-head', *[f'{n}={p}' for n, p in heads], '--mode', *modes,
+            *(['--dual-threshold', *thresholds] if thresholds is not None else []), *extra]
+    dirs = {v['name']: Path(out) / v['name'] if len(variants) > 1 else Path(out) for v in variants}
+    def summary():
+        segm = {n: load_json(d / 'metrics.json')['segm'] for n, d in dirs.items()}
+        return f"{len(segm)} variants in one pass: " + ', '.join(f"{n} segm AP {100 * s['AP']:.1f}" for n, s in list(segm.items())[:4]) + \
+               (', ...' if len(segm) > 4 else '')
+    _step(out, args, launch, [str((d / 'metrics.json').relative_to(out)) for d in dirs.values()] +
+          (['variants.json'] if len(variants) > 1 else []), summary)
+    res = {}
+    for v in variants:
+        d = dirs[v['name']]
+        m = load_json(d / 'metrics.json'); m['results'] = str(d / 'results.json')
+        m['variant'] = {k: v[k] for k in ('head', 'mode', 'dual_threshold')}
+        res[v['name']] = m
+    return res
+
+def pick_variant(runs:dict, # `test_variants`' result
+                 head:str, mode:str='dual', dual_threshold=None, # what to find (T None: any)
+                ) -> dict:
+    "The metrics of the variant of `runs` with this head, mode and T ('orig' whatever the head)."
+    for m in runs.values():
+        v = m['variant']
+        if v['mode'] == mode and (mode == 'orig' or v['head'] == head) and \
+           (dual_threshold is None or v['dual_threshold'] == dual_threshold): return m
+    raise KeyError(f"no variant head={head!r} mode={mode!r} T={dual_threshold!r} among {', '.join(runs)}")
+
 def repo_root(start=None) -> Path:
     "The simcal checkout holding the current folder (notebooks run from `nbs/paper` in JupyterLab, from the root in papermill)."
     start = Path(start or Path.cwd()).resolve()
@@ -412,7 +462,7 @@ def coco_rules_from(source:dict, # metrics of an LVIS-rules `test_model` pass (w
     return {**metrics, 'results': str(out / 'results.json')}
 
 # %% ../nbs/91_repro.ipynb #59ee3013
-REPRO_NOTEBOOKS = ['lvis_mrcnn.ipynb', 'coco_lt.ipynb', 'ablations.ipynb']
+REPRO_NOTEBOOKS = ['lvis_mrcnn.ipynb', 'coco_lt.ipynb', 'ablations.ipynb', 'htc.ipynb']
 EXTRA_NOTEBOOKS = ['longtail.ipynb']   # not run by default: `--all`, or `--only longtail.ipynb` (make compare)
 
 def find_notebooks(folder=None) -> Path:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 import torch
 from pathlib import Path
-from .core import (InputError, PROTOCOLS, save_json, load_json, positive_int, non_negative_int, non_negative_float,
+from .core import (InputError, PROTOCOLS, named_heads, plan_variants, save_json, load_json, positive_int, non_negative_int, non_negative_float,
                          probability, float_range, device_option, writable_dir)
 from .checks import add_allow_argument, parse_allow
 from .comm import init_distributed, cleanup_distributed, is_main_process
 from .checkpoint import load_detector, check_classes, meta_train_stats, preset_protocol
 from .inference import run_inference, split_results
-from .calibration import attach_calibration, load_calibration, file_sha256, check_head_fits
+from .calibration import calibration_scorer, load_calibration, file_sha256, check_head_fits
 from .detector import as_detector
 from .longtail import (CorrectionScorer, HeadScorer, counts_per_label, tau_norm_head, heldout_split,
                              search_hyperparameter, NORCAL_GAMMAS, LOGIT_ADJUSTMENT_TAUS, TAU_NORM_TAUS)
@@ -40,10 +40,12 @@ def configure_test_parser(parser:argparse.ArgumentParser) -> None:
                    '(default: the counts stored in the checkpoint)')
     p.add_argument('--iou-types', nargs='+', default=['bbox', 'segm'], choices=['bbox', 'segm'], help='what to evaluate')
     p.add_argument('--no-eval', action='store_true', help='only write results.json')
-    p.add_argument('--cal-head', default=None, help='calibration head checkpoint (simcal calibrate); enables --mode')
-    p.add_argument('--mode', default=None, choices=['orig', 'cal', 'dual', 'avg'], help="how to combine the heads (needs --cal-head; default with it: 'dual')")
+    p.add_argument('--cal-head', nargs='+', default=None, metavar='[NAME=]CHECKPOINT', help='calibration head checkpoint(s) '
+                   '(simcal calibrate); enables --mode. Several heads, modes or thresholds: every combination in one pass, '
+                   'each in --out/VARIANT/ (see variants.json there); NAME defaults to the checkpoint\'s folder name')
+    p.add_argument('--mode', nargs='+', default=None, choices=['orig', 'cal', 'dual', 'avg'], help="how to combine the heads (needs --cal-head; default with it: 'dual')")
     add_oracle_arguments(p)
-    p.add_argument('--dual-threshold', type=non_negative_float, default=None, help="classes with fewer training instances take the calibrated scores (default: the T stored with the calibration head)")
+    p.add_argument('--dual-threshold', nargs='+', type=non_negative_float, default=None, help="classes with fewer training instances take the calibrated scores (default: the T stored with the calibration head)")
     p.add_argument('--batch-size', type=positive_int, default=1, help='images per forward pass and process')
     p.add_argument('--num-workers', type=non_negative_int, default=2, help='data-loading processes per rank')
     p.add_argument('--amp', action='store_true', help='autocast: FP16 on GPU, bfloat16 on CPU')
@@ -81,13 +83,20 @@ def check_head_detector(cal_head, # calibration checkpoint path
                          f"--checkpoint {checkpoint} ({actual[:12]}...): calibrate this detector, or --allow other-detector",
                          field='detector.sha256')
 
+def _as_list(x): return None if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
 def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, max_dets=None, protocol=None, stats=None,
                   iou_types=('bbox', 'segm'), evaluate=True, cal_head=None, mode=None, dual_threshold=None,
                   batch_size=1, num_workers=2, amp=False, device=None, progress=True, segm_with_bbox=False,
                   oracle=None, oracle_score='one', allow=(), correction=None, strength=None, search_strength=False,
                   train_ann=None, train_image_root=None, heldout_fraction=0.1, retrained=None) -> dict:
-    "The whole of `simcal test`: `{'results': path, 'results_segm': path, 'metrics': path or None, 'num_results': n}` (rank 0)."
+    """The whole of `simcal test`: `{'results': path, 'results_segm': path, 'metrics': path or None, 'num_results': n}` (rank 0).
+    `cal_head`, `mode` and `dual_threshold` may be lists: with more than one combination (`plan_variants`), one pass
+    writes each variant in `out_dir/NAME/` and returns `{'variants': {NAME: the above}, 'index': variants.json}`."""
     from simcal.data import load_detection_dataset, LabelMap, CategoryStats
+    heads = named_heads(_as_list(cal_head)) if cal_head is not None else []
+    modes, thresholds = _as_list(mode), _as_list(dual_threshold)
+    cal_head = heads[0][1] if heads else None
     changes = [o for o, v in (('--cal-head', cal_head), ('--oracle', oracle), ('--correction', correction),
                               ('--retrained', retrained)) if v is not None]
     if len(changes) > 1:
@@ -100,11 +109,13 @@ def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, ma
         raise InputError('--strength', 'given together with --search-strength: pass one of them')
     if search_strength and (train_ann is None or train_image_root is None):
         raise InputError('--search-strength', 'needs the training set: pass --train-ann and --train-image-root')
-    if cal_head is None and mode not in (None, 'orig'):
-        raise InputError('--mode', f"{mode!r} combines the detector's head with a calibration head: pass --cal-head")
-    if cal_head is None and dual_threshold is not None:
+    if cal_head is None and modes not in (None, ['orig']):
+        raise InputError('--mode', f"{' '.join(modes)}: combines the detector's head with a calibration head: pass --cal-head")
+    if cal_head is None and thresholds is not None:
         raise InputError('--dual-threshold', 'applies to a calibration head: pass --cal-head')
-    mode = mode or 'dual'
+    if thresholds is not None and 'dual' not in (modes or ['dual']):
+        raise InputError('--dual-threshold', f"applies to mode dual, not {' '.join(modes)}")
+    variants = plan_variants(heads, modes, thresholds) if heads else []
     info = init_distributed(device)
     model, meta = load_detector(checkpoint, device=info.device)
     label_map = LabelMap(meta['category_ids'], dict(zip(meta['category_ids'], meta.get('category_names') or [])) or None)
@@ -118,7 +129,7 @@ def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, ma
         from simcal.evaluate import GroundTruth, train_instance_counts
         gt = GroundTruth(str(ann), allow=allow); gt.check()
         train_instance_counts(train_stats, gt, allow)
-    if cal_head is not None: check_head_detector(cal_head, checkpoint, allow, model)
+    for _, path in heads: check_head_detector(path, checkpoint, allow, model)
     search = None
     if correction is not None:
         if search_strength:
@@ -129,18 +140,34 @@ def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, ma
         strength = DEFAULT_STRENGTH if strength is None else float(strength)
         as_detector(model, meta).install_scorer(correction_scorer(model, correction, strength, train_stats, label_map))
     if retrained is not None: attach_retrained(model, retrained, category_ids=meta['category_ids'])
-    if cal_head is not None:
-        model = attach_calibration(model, cal_head, mode=mode, threshold=dual_threshold, instance_counts=counts,
-                                   category_ids=meta['category_ids'])
+    scorers = [calibration_scorer(model, v['cal_head'], v['mode'], v['dual_threshold'], counts, meta['category_ids'])
+               for v in variants]
+    for v, s in zip(variants, scorers):
+        if v['mode'] == 'dual': v['dual_threshold'] = s.threshold   # the stored T where none was given
     kw = dict(score_thresh=score_thresh, max_dets=max_dets, batch_size=batch_size, num_workers=num_workers,
               device=info.device, amp=amp, progress=progress)
     if oracle is not None:
-        results = run_oracle(oracle, model, ds, score=oracle_score, **kw)   # simcal.oracle (Props-GT)
+        all_results = [run_oracle(oracle, model, ds, score=oracle_score, **kw)]   # simcal.oracle (Props-GT)
     else:
-        results = run_inference(model, ds, **kw)
+        all_results = run_inference(model, ds, scorers=scorers or None, **kw)
+        if not scorers: all_results = [all_results]
+    ctx = dict(checkpoint=checkpoint, ann=ann, protocol=protocol, score_thresh=score_thresh, max_dets=max_dets,
+               oracle=oracle, oracle_score=oracle_score, correction=correction, strength=strength, search=search,
+               heldout_fraction=heldout_fraction, retrained=retrained, segm_with_bbox=segm_with_bbox, evaluate=evaluate,
+               iou_types=iou_types, gt=gt, train_stats=train_stats, allow=allow, model=model, is_main=info.is_main)
+    if len(variants) <= 1: return _write_outputs(out_dir, all_results[0], variants[0] if variants else None, **ctx)
+    outs = {v['name']: _write_outputs(Path(out_dir) / v['name'], r, v, **ctx) for v, r in zip(variants, all_results)}
+    index = save_json({v['name']: {k: v[k] for k in ('cal_head', 'mode', 'dual_threshold')} for v in variants},
+                      Path(out_dir) / 'variants.json', indent=1) if info.is_main else None
+    return {'variants': outs, 'index': index, 'num_results': sum(o['num_results'] for o in outs.values())}
+
+def _write_outputs(out_dir, results, variant, *, checkpoint, ann, protocol, score_thresh, max_dets, oracle, oracle_score,
+                   correction, strength, search, heldout_fraction, retrained, segm_with_bbox, evaluate, iou_types, gt,
+                   train_stats, allow, model, is_main) -> dict:
+    "Results and metrics of one variant into `out_dir` (rank 0)."
     out = {'results': None, 'results_segm': None, 'metrics': None, 'num_results': len(results)}
-    if info.is_main:
-        out_dir = Path(out_dir)
+    if is_main:
+        out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
         boxes, segms = split_results(results, segm_with_bbox)
         out['results'] = save_json(boxes, out_dir / 'results.json')
         has_masks = getattr(getattr(model, 'roi_heads', None), 'has_mask', lambda: True)()
@@ -152,7 +179,8 @@ def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, ma
             else:
                 metrics = {'checkpoint': str(checkpoint), 'ann': str(ann), 'protocol': protocol,
                            'score_thresh': score_thresh, 'max_dets': max_dets,
-                           'calibration': {'cal_head': str(cal_head), 'mode': mode, 'dual_threshold': dual_threshold} if cal_head else None,
+                           'calibration': {'cal_head': str(variant['cal_head']), 'mode': variant['mode'],
+                                           'dual_threshold': variant['dual_threshold']} if variant else None,
                            'oracle': {'oracle': oracle, 'score': oracle_score} if oracle else None,
                            'correction': {'method': correction, 'strength': strength, 'search': None if search is None else
                                           {'scores': {str(k): v for k, v in search.scores.items()}, 'score': 'bbox bAP',
@@ -181,7 +209,9 @@ def run_test(args) -> int:
                             train_image_root=args.train_image_root, heldout_fraction=args.heldout_fraction,
                             retrained=args.retrained)
         if is_main_process():
-            print(f"{res['num_results']} detections -> {res['results']}" + (f"; metrics -> {res['metrics']}" if res['metrics'] else ''))
+            for name, r in (res['variants'].items() if 'variants' in res else [(None, res)]):
+                print((f'{name}: ' if name else '') + f"{r['num_results']} detections -> {r['results']}" +
+                      (f"; metrics -> {r['metrics']}" if r['metrics'] else ''))
     finally:
         cleanup_distributed()
     return 0

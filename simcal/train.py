@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #5106c01d
 from __future__ import annotations
-import argparse, json, math, os, time, warnings
+import argparse, hashlib, json, math, os, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from .model import DetectorPreset, PRESETS, build_mask_rcnn, load_backbone_weigh
 from .sampler import derived_seed
 from .comm import init_distributed, cleanup_distributed, barrier, is_main_process, seed_everything
 from .checkpoint import (save_checkpoint, load_checkpoint, load_model_state, make_meta, ALL_PRESETS,
-                               build_detector_from, load_imagenet_weights)
+                               build_detector_from, load_imagenet_weights, init_from_checkpoint, freeze_parts, FREEZABLE)
 from .detector import hflip_batch
 from .data import image_to_device, uint8_items
 
@@ -139,7 +139,7 @@ def default_amp_dtype(device) -> torch.dtype:
 
 # %% ../nbs/05_train.ipynb #cc17db90
 RESUME_KEYS = ('model_config', 'category_ids', 'seed', 'global_batch', 'world_size', 'total_iters', 'lr', 'lr_steps_iters',
-               'repeat_threshold')
+               'repeat_threshold', 'init_from', 'freeze')
 
 RUN_FILES = ('config.json', 'metrics.jsonl', 'last_checkpoint', 'model_final.pth')   # and checkpoint_*.pth
 
@@ -223,6 +223,8 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
                    force:bool=False, # replace a run of other settings in out_dir (default: refuse)
                    repeat_threshold:float|None=None, # RFS threshold t (LVIS paper: 0.001); None: every image once per epoch
                    semantic_root=None, # semantic label maps for HTC's semantic branch (COCO-Stuff stuffthingmaps layout)
+                   init_from:str|Path|None=None, # start from another simcal checkpoint's weights (matching names and shapes)
+                   freeze:tuple=(), # parts kept fixed while training (`simcal.checkpoint.FREEZABLE`: backbone, rpn, ...)
                   ) -> dict:
     "Train the base Mask R-CNN (one process, or one rank of a torchrun job). Returns a summary (on every rank)."
     from simcal.data import load_detection_dataset, collate_detection
@@ -268,6 +270,13 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
            'lr': run_lr, 'lr_steps_iters': steps, 'iters_per_epoch': sched.iters_per_epoch, 'amp': bool(amp),
            'train_ann': Path(train_ann).name if train_ann else None}
     if repeat_threshold is not None: run['repeat_threshold'] = float(repeat_threshold)
+    if init_from is not None:
+        if not Path(init_from).is_file(): raise InputError(init_from, 'checkpoint not found', field='--init-from')
+        run['init_from'] = {'checkpoint': str(init_from), 'sha256': hashlib.sha256(Path(init_from).read_bytes()).hexdigest()}
+    if freeze:
+        bad = [f for f in freeze if f not in FREEZABLE]
+        if bad: raise InputError('--freeze', f"{bad[0]!r}: one of {', '.join(FREEZABLE)}")
+        run['freeze'] = sorted(set(freeze))
     stats = getattr(ds, 'stats', None)
     meta = make_meta(cfg, ds.label_map, overrides=ov, stats=stats, train=run)
     config = {'preset': cfg.to_dict(), 'overrides': ov, 'train': run, 'num_classes': num_classes}
@@ -291,12 +300,17 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
             raise InputError(rpath, 'holds no training state (a final model?): resume from a checkpoint_*.pth')
         load_model_state(model, ckpt['model'], rpath)
         start = int(ckpt['iteration'])
+    elif init_from is not None:
+        got = init_from_checkpoint(model, init_from)
+        if info.is_main: print(f"initialised from {init_from}: {got['copied']} tensors ({', '.join(got['parts'])}); "
+                               f"{got['kept']} as built")
     elif backbone_weights:
         load_imagenet_weights(model, cfg, backbone_weights)
     elif cfg.imagenet_backbone:
         raise InputError(cfg.name, 'this preset starts from ImageNet weights: pass --backbone-weights FILE (a torchvision '
                          f'{cfg.backbone} state dict), or train from scratch with --set imagenet_backbone=false norm=bn '
                          'trainable_layers=5 (frozen BatchNorm from random weights diverges)')
+    frozen = freeze_parts(model, run.get('freeze', ()))
     model.to(info.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=run_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -326,6 +340,7 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
     barrier()
     bar = tqdm(total=total, initial=start, disable=not (progress and info.is_main), desc='train', dynamic_ncols=True)
     ddp.train()
+    for m in frozen: m.eval()   # fixed parts: no gradients, and their batch-norm statistics stay as they were
     window, n_window, t_window, t_data, t0 = {}, 0, time.perf_counter(), 0.0, time.perf_counter()
     it = start
     t_fetch = time.perf_counter()
@@ -428,6 +443,10 @@ def configure_train_parser(parser:argparse.ArgumentParser) -> None:
     p.add_argument('--repeat-threshold', type=float_range(0, 1, lo_open=True), default=None, metavar='T',
                    help="repeat-factor sampling (RFS, LVIS paper) with threshold T (the paper's: 0.001); default: none, "
                         "every image once per epoch, as SimCal's base models")
+    p.add_argument('--init-from', default=None, metavar='CHECKPOINT', help="start from another simcal checkpoint's "
+                   'weights: every tensor whose name and shape match (e.g. the backbone, FPN and RPN of a Mask R-CNN for an HTC)')
+    p.add_argument('--freeze', nargs='+', default=[], choices=FREEZABLE, help='parts kept fixed while training (with '
+                   '--init-from: train the heads on the given features)')
     add_allow_argument(p, ('degenerate-boxes', 'invalid-polygons'))
 
 def run_train(args) -> int:
@@ -440,7 +459,8 @@ def run_train(args) -> int:
                              deterministic=args.deterministic, num_workers=args.num_workers,
                              backbone_weights=args.backbone_weights, log_every=args.log_every, device=args.device,
                              progress=not args.no_progress, allow=args.allow, force=args.force,
-                             repeat_threshold=args.repeat_threshold, semantic_root=args.semantic_root)
+                             repeat_threshold=args.repeat_threshold, semantic_root=args.semantic_root,
+                             init_from=args.init_from, freeze=tuple(args.freeze))
         if is_main_process():
             print(f"trained {res['iterations']} iterations in {res['seconds']:.0f} s (global batch {res['global_batch']}, "
                   f"lr {res['lr']:g}); model: {res['final']}")

@@ -378,3 +378,35 @@ def test_a_multi_stage_detector_plugs_in(detector_ckpt, train_set, tmp_path):
         torch.testing.assert_close(a['scores'], b['scores'], atol=1e-5, rtol=1e-5)
     assert any(not torch.equal(a['scores'], b['scores']) for a, b in zip(plain, dual))
     assert type(model.roi_heads.box_predictor).__name__ == 'AgnosticBoxPredictor'
+
+
+def test_one_test_pass_of_several_variants_equals_separate_passes(detector, detector_ckpt, train_set, synth, tmp_path):
+    # `simcal test` with two heads, three modes and two thresholds: one pass, each variant's files equal to its own run
+    from simcal.testing import test_detector
+    heads = calibrate(detector, train_set, tmp_path / 'cal', head=['2fc_rand', '3fc_ft'], **{**MULTI, 'iters': 2})
+    a, b = (tmp_path / 'cal' / k / CALIBRATION_FILE for k in ('3fc_ft', '2fc_rand'))
+    common = dict(checkpoint=detector_ckpt, ann=synth[2], image_root=synth[3], stats=synth[0], num_workers=0,
+                  progress=False, max_dets=50)
+    res = test_detector(out_dir=tmp_path / 'all', cal_head=[f'A={a}', b], mode=['orig', 'cal', 'dual'],
+                        dual_threshold=[4, T_SYNTH], **common)
+    names = ['orig', 'A.cal', 'A.dual_T4', f'A.dual_T{T_SYNTH:g}', '2fc_rand.cal', '2fc_rand.dual_T4', f'2fc_rand.dual_T{T_SYNTH:g}']
+    assert list(res['variants']) == names
+    index = json.loads((tmp_path / 'all' / 'variants.json').read_text())
+    assert index['2fc_rand.dual_T4'] == {'cal_head': str(b), 'mode': 'dual', 'dual_threshold': 4}
+    for name, head, mode, T in [('orig', a, 'orig', None), ('A.dual_T4', a, 'dual', 4), ('2fc_rand.cal', b, 'cal', None),
+                                (f'2fc_rand.dual_T{T_SYNTH:g}', b, 'dual', None)]:
+        test_detector(out_dir=tmp_path / name, cal_head=head, mode=mode, dual_threshold=T, **common)
+        for f in ('results.json', 'results_segm.json'):
+            assert (tmp_path / name / f).read_bytes() == (tmp_path / 'all' / name / f).read_bytes(), (name, f)
+        one, many = (json.loads((d / 'metrics.json').read_text()) for d in (tmp_path / name, tmp_path / 'all' / name))
+        for t in ('bbox', 'segm'):   # everything but the results file's name
+            one[t]['meta'].pop('results'); many[t]['meta'].pop('results')
+            assert one[t] == many[t], (name, t)
+        assert one['calibration'] == many['calibration']
+    assert len(json.loads((tmp_path / 'orig' / 'results.json').read_text())) > 0
+    # refused: a threshold without mode dual; two heads of one name
+    with pytest.raises(InputError, match='applies to mode dual'):
+        test_detector(out_dir=tmp_path / 'x', cal_head=a, mode=['cal'], dual_threshold=[4], **common)
+    with pytest.raises(InputError, match="two heads are named '3fc_ft'"):
+        test_detector(out_dir=tmp_path / 'x', cal_head=[a, a], **common)
+    assert not (tmp_path / 'x').exists()

@@ -433,6 +433,15 @@ def test_htc_train_calibrate_test_commands_resume_exactly(tmp_path):
                  '--max-dets', '20']) == 0
     m = json.loads((tmp_path / 't' / 'metrics.json').read_text())
     assert m['calibration']['mode'] == 'dual' and 0 <= m['segm']['AP'] <= 1 and m['protocol'] == 'synth'
+    # several modes in one pass under torchrun (2 processes): its 'dual' is the dual run alone, byte for byte
+    test = ['test', '--checkpoint', det, '--ann', ann, '--image-root', root, '--cal-head', tmp_path / 'cal' / 'calibration.pt',
+            '--num-workers', 0, '--no-progress', '--max-dets', 20]
+    _torchrun(test + ['--out', tmp_path / 'tv', '--mode', 'orig', 'dual'])
+    _torchrun(test + ['--out', tmp_path / 'td', '--mode', 'dual'])
+    assert json.loads((tmp_path / 'tv' / 'variants.json').read_text())['dual']['mode'] == 'dual'
+    for f in ('results.json', 'results_segm.json'):
+        assert (tmp_path / 'tv' / 'dual' / f).read_bytes() == (tmp_path / 'td' / f).read_bytes(), f
+    assert (tmp_path / 'tv' / 'orig' / 'results.json').read_bytes() != (tmp_path / 'td' / 'results.json').read_bytes()
     # bad input: the semantic branch without maps; a calibration of the other family (stage counts named)
     import contextlib, io
     def run(argv):

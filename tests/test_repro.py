@@ -12,8 +12,9 @@ from simcal import repro as simcal_repro
 from simcal.repro import REPRO_NOTEBOOKS, EXTRA_NOTEBOOKS, find_notebooks, PAPER_LVIS
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {'synth': {'num_classes': 12, 'num_train': 60, 'num_val': 24}, 'base_iters': 12, 'cal_iters': 4, 'T_values': [4],
-        'heads': ['2fc_rand', '3fc_ft'], 'shared_heads': ['2fc_rand'], 'step_fractions': [0.5], 'bin_bases': [3, 4], 'bin_counts': [2, 3]}
+TINY = {'synth': {'num_classes': 12, 'num_train': 60, 'num_val': 24, 'stuff_classes': 3}, 'base_iters': 12, 'cal_iters': 4,
+        'T_values': [4], 'heads': ['2fc_rand', '3fc_ft'], 'shared_heads': ['2fc_rand'], 'step_fractions': [0.5],
+        'bin_bases': [3, 4], 'bin_counts': [2, 3], 'htc_iters': 4}
 
 
 def _params():
@@ -59,7 +60,7 @@ def test_executed_notebooks_kept(repro):
         assert str(ROOT) not in (figs / 'notebooks' / nb).read_text()   # checkout paths are relative
 
 
-FIGURES_SHOWN = {'lvis_mrcnn.ipynb': 4, 'coco_lt.ipynb': 2, 'ablations.ipynb': 4}   # loss curve + per-bin figures (+ Props-GT)
+FIGURES_SHOWN = {'lvis_mrcnn.ipynb': 4, 'coco_lt.ipynb': 2, 'ablations.ipynb': 4, 'htc.ipynb': 3}   # loss curve + per-bin figures (+ Props-GT)
 
 
 def test_executed_notebooks_show_figures_and_no_stderr(repro):
@@ -138,8 +139,8 @@ def test_coco_rules_filtered_equal_a_direct_pass(repro, tmp_path):
     _, runs = repro
     derived = runs / 'test_synth_coco_dual'
     m = json.loads((derived / 'metrics.json').read_text())
-    assert m['derived_from'].endswith('test_dual') and m['protocol'] == 'synth_coco'
-    src = json.loads((runs / 'test_dual' / 'metrics.json').read_text())
+    assert m['derived_from'].endswith('test_modes/dual') and m['protocol'] == 'synth_coco'
+    src = json.loads((runs / 'test_modes' / 'dual' / 'metrics.json').read_text())   # a variant of a 3-way pass
     data = runs / 'data' / 'synth'
     direct = simcal_repro.test_model(src['checkpoint'], data / 'annotations' / 'val.json', data / 'images', tmp_path,
                                      str(data / 'annotations' / 'train.json'), 'synth_coco',
@@ -178,11 +179,47 @@ def test_ablation_figures(repro):
         _png_ok(figs / f'{name}.png')
 
 
+def test_htc_notebook(repro):
+    """The HTC table (segm with the paper's rows, bbox ours only), the per-bin figures, HTC against the Mask R-CNN of the
+    same run, and the steps it ran: an HTC from the Mask R-CNN's fixed backbone and RPN, calibrated per stage."""
+    figs, runs = repro
+    rows = json.loads((figs / 'htc_table_segm.json').read_text())
+    settings = ['baseline', '2fc_rand (cal)', '2fc_rand', '3fc_ft (cal)', '3fc_ft']
+    assert [r['setting'] for r in rows if r['source'] == 'ours'] == settings
+    paper = {r['setting']: r for r in rows if r['source'] == 'paper'}
+    assert set(paper) == {'baseline', '2fc_rand', '3fc_ft'} and paper['3fc_ft']['AP'] == 33.4 and paper['3fc_ft']['APr'] == 24.7
+    assert {r['source'] for r in json.loads((figs / 'htc_table_bbox.json').read_text())} == {'ours'}
+    for iou in ('bbox', 'segm'):
+        fig = json.loads((figs / f'htc_bins_{iou}.json').read_text())
+        assert set(fig) == {'baseline', '2fc_rand', '3fc_ft'}
+        for m in fig.values(): _check_bins(m['bins'], 'synth')
+        _png_ok(figs / f'htc_bins_{iou}.png')
+    vs = json.loads((figs / 'htc_vs_mrcnn.json').read_text())
+    assert [r['setting'] for r in vs] == ['Mask R-CNN baseline', 'Mask R-CNN + SimCal (3fc_ft)', 'HTC baseline',
+                                          'HTC + SimCal (3fc_ft)'] * 2
+    mr = json.loads((runs / 'test_modes' / 'orig' / 'metrics.json').read_text())
+    assert vs[0]['AP'] == pytest.approx(round(100 * mr['bbox']['AP'], 2))
+    cfg = json.loads((runs / 'htc_htc_demo' / 'config.json').read_text())['train']
+    assert cfg['freeze'] == ['backbone', 'rpn'] and cfg['init_from']['checkpoint'].endswith('base_demo/model_final.pth')
+    from simcal.checkpoint import load_checkpoint
+    a, b = (load_checkpoint(runs / d / 'model_final.pth')['model'] for d in ('base_demo', 'htc_htc_demo'))
+    assert all(torch_equal(a[k], b[k]) for k in a if k.startswith(('backbone.fpn', 'rpn')))   # fixed while the heads trained
+    from simcal.calibration import load_calibration
+    for h in ('2fc_rand', '3fc_ft'):
+        assert len(load_calibration(runs / 'htc_cal_heads' / h / 'calibration.pt')['stage_heads']) == 2   # + 'head': 3 stages
+    assert len(json.loads((runs / 'htc_test' / 'variants.json').read_text())) == 5    # one pass, five ways
+
+
+def torch_equal(x, y):
+    import torch
+    return torch.equal(x, y)
+
+
 def test_dual_equals_orig_and_cal_columns(repro):
     "T=0 is the original head and T=inf the calibrated one: the sweep's end points are the orig and cal runs."
     figs, runs = repro
     t = {r['T']: r for r in json.loads((figs / 'ablation_dual_threshold.json').read_text())['ours']}
-    m = {mode: json.loads((runs / f'test_{mode}' / 'metrics.json').read_text())['segm'] for mode in ('orig', 'cal')}
+    m = {mode: json.loads((runs / 'test_modes' / mode / 'metrics.json').read_text())['segm'] for mode in ('orig', 'cal')}
     assert t[0]['AP'] == pytest.approx(round(100 * m['orig']['AP'], 2))
     assert t['inf']['AP'] == pytest.approx(round(100 * m['cal']['AP'], 2))
 
@@ -215,7 +252,7 @@ def test_longtail_comparison(longtail):
     assert not [o for o in outs if o.get('output_type') == 'error' or o.get('name') == 'stderr']
     assert len([o for o in outs if 'image/png' in o.get('data', {})]) == 1
     text = ''.join(''.join(o.get('text', '')) for o in outs)
-    for step in ('train base_demo', 'calibrate cal_heads', 'test test_orig', 'test test_dual'):
+    for step in ('train base_demo', 'calibrate cal_heads', 'test test_modes'):
         assert f'{step}: reused' in text, f'{step} was not reused from the paper notebooks'
     rows = json.loads((out / 'longtail_table.json').read_text())
     ours = [r for r in rows if r['source'] == 'ours']
@@ -244,13 +281,13 @@ def test_longtail_strengths_and_zero_effect(longtail):
     s = json.loads((out / 'longtail_summary.json').read_text())
     assert s['strengths'] == {'NorCal': 1.0, 'logit adjustment': 1.0, 'tau-norm': 0.0}
     assert s['strength_search'] == {'NorCal': None, 'logit adjustment': None, 'tau-norm': None}
-    orig = json.loads((runs / 'test_orig' / 'results.json').read_text())
+    orig = json.loads((runs / 'test_modes' / 'orig' / 'results.json').read_text())
     zero = json.loads((runs / 'test_tau_norm' / 'results.json').read_text())
     key = lambda r: (r['image_id'], r['category_id'], tuple(r['bbox']))
     assert len(orig) == len(zero) > 0
     for a, b in zip(sorted(orig, key=key), sorted(zero, key=key)):
         assert key(a) == key(b) and a['score'] == pytest.approx(b['score'], abs=1e-6)
-    m0, mz = (json.loads((runs / d / 'metrics.json').read_text()) for d in ('test_orig', 'test_tau_norm'))
+    m0, mz = (json.loads((runs / d / 'metrics.json').read_text()) for d in ('test_modes/orig', 'test_tau_norm'))
     for iou in ('bbox', 'segm'): assert mz[iou]['AP'] == pytest.approx(m0[iou]['AP'], abs=1e-9)
     for method in ('crt', 'lws', 'bags'):
         step = json.loads((runs / f'retrain_{method}' / 'step.json').read_text())
