@@ -14,8 +14,9 @@ from .model import mask_probabilities
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'hflip_batch', 'DetectorAdapter', 'register_adapter', 'as_detector', 'variants_by_forwards',
-           'distinct_rows', 'detect_variants_shared', 'train_proposal_counts', 'roi_sampling_settings',
-           'BoxHeadWithFeatures', 'ScoredBoxPredictor', 'postprocess_log_probabilities', 'MaskRCNNAdapter']
+           'distinct_rows', 'pair_mask_probabilities', 'detect_variants_shared', 'train_proposal_counts',
+           'roi_sampling_settings', 'BoxHeadWithFeatures', 'ScoredBoxPredictor', 'postprocess_log_probabilities',
+           'MaskRCNNAdapter']
 
 # %% ../nbs/05c_detector.ipynb #28537d08
 def hflip_batch(images:list, targets:list, flips:list) -> tuple[list, list]:
@@ -131,6 +132,14 @@ def distinct_rows(keys:torch.Tensor, # (N, K) rows (boxes, or boxes with their l
     first.scatter_(0, inverse, torch.arange(len(keys), device=keys.device))
     return first, inverse
 
+def pair_mask_probabilities(logits:torch.Tensor, # (U, 1 or C, M, M) mask logits of distinct boxes
+                            box_index:torch.Tensor, # (P,) each pair's box
+                            labels:torch.Tensor, # (P,) each pair's label (the channel of a class-specific head)
+                           ) -> torch.Tensor:
+    "(P, 1, M, M) float32 mask probabilities of (box, label) pairs: as `mask_probabilities` of those detections."
+    picked = logits[box_index] if logits.shape[1] == 1 else logits[box_index, labels][:, None]
+    return picked.float().sigmoid()
+
 def detect_variants_shared(det, images:list, scorers:list) -> list[dict]:
     """`DetectorAdapter.detect_variants` of a torchvision `GeneralizedRCNN` whose adapter scores the variants
     (`_score_variants`) and gives masks of boxes (`_variant_masks`, `_class_agnostic_masks`)."""
@@ -147,18 +156,22 @@ def detect_variants_shared(det, images:list, scorers:list) -> list[dict]:
     dets = [det._score_variants(state, s) for s in scorers]   # per variant: (boxes, scores, labels) per image
     has_mask = det._has_mask()
     agnostic = has_mask and det._class_agnostic_masks()
-    firsts, inverses, distinct = [], [], []
+    inverses, unique_boxes, pair_box, pair_label = [], [], [], []
     for i in range(len(images)):
         boxes = torch.cat([d[0][i] for d in dets]); labels = torch.cat([d[2][i] for d in dets])
-        keys = boxes if (agnostic or not has_mask) else torch.cat([boxes, labels[:, None].to(boxes.dtype)], 1)
-        first, inverse = distinct_rows(keys)
-        firsts.append(first); inverses.append(inverse)
-        distinct.append({'boxes': boxes[first], 'labels': labels[first]})
+        fb, ib = distinct_rows(boxes)          # mask features: once per distinct box
+        if agnostic or not has_mask:            # a mask per distinct box
+            fp, inverse = fb, ib
+            pb = torch.arange(len(fb), device=boxes.device)
+        else:                                   # a mask per distinct (box, label): the label picks the channel
+            fp, inverse = distinct_rows(torch.stack([ib, labels], 1))
+            pb = ib[fp]
+        unique_boxes.append(boxes[fb]); pair_box.append(pb); pair_label.append(labels[fp]); inverses.append(inverse)
+    distinct = [{'boxes': ub[pb]} for ub, pb in zip(unique_boxes, pair_box)]
     if has_mask:
-        masks = det._variant_masks(state, [d['boxes'] for d in distinct], [d['labels'] for d in distinct])
+        masks = det._variant_masks(state, unique_boxes, pair_box, pair_label)
         for d, m in zip(distinct, masks): d['masks'] = m
-    distinct = model.transform.postprocess([{k: v for k, v in d.items() if k != 'labels'} for d in distinct],
-                                           sizes, original_sizes)   # boxes to the image's size, masks pasted
+    distinct = model.transform.postprocess(distinct, sizes, original_sizes)   # boxes to the image's size, masks pasted
     out = []
     for i, d in enumerate(distinct):
         variants, start = [], 0
@@ -360,7 +373,8 @@ class MaskRCNNAdapter(DetectorAdapter):
             return type(rh).postprocess_detections(rh, st['logits'].float(), st['deltas'].float(), st['proposals'], st['sizes'])
         log_p = torch.log(scorer([st['logits']], [st['x']])).float()   # as ScoredBoxPredictor, then SimCalRoIHeads
         return postprocess_log_probabilities(rh, log_p, st['deltas'].float(), st['proposals'], st['sizes'])
-    def _variant_masks(self, st, boxes:list, labels:list) -> list:
+    def _variant_masks(self, st, boxes:list, box_index:list, labels:list) -> list:
+        "Mask probabilities of (box, label) pairs, per image: the mask head runs once per distinct box."
         rh = self.model.roi_heads
         logits = rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(st['features'], boxes, st['sizes'])))
-        return mask_probabilities(logits, labels)
+        return [pair_mask_probabilities(z, i, l) for z, i, l in zip(logits.split([len(b) for b in boxes]), box_index, labels)]

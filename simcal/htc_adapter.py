@@ -13,7 +13,7 @@ from .htc import HTCRoIHeads, refine_boxes, sample_stage, postprocess_probabilit
 from .model import mask_probabilities
 from .data import image_to_device
 from .detector import (DetectorAdapter, hflip_batch, register_adapter, roi_sampling_settings,
-                             train_proposal_counts, detect_variants_shared)
+                             train_proposal_counts, detect_variants_shared, pair_mask_probabilities)
 
 # %% auto #0
 __all__ = ['STAGE_PROPOSALS', 'HTCAdapter']
@@ -136,8 +136,10 @@ class HTCAdapter(DetectorAdapter):
                  F.softmax(sum(o['logits']) / len(o['logits']), -1)).float()
         return postprocess_probabilities(rh.stages[-1], probs, o['deltas'][-1], o['rois'][-1], st['sizes'],
                                          rh.score_thresh, rh.nms_thresh, rh.detections_per_img)
-    def _variant_masks(self, st, boxes:list, labels:list) -> list:
+    def _variant_masks(self, st, boxes:list, box_index:list, labels:list) -> list:
+        "The stage-averaged mask probabilities of (box, label) pairs, per image: the mask heads run once per distinct box."
         rh = self.model.roi_heads
-        if sum(len(b) for b in boxes) == 0: return [b.new_zeros((0, 1, 28, 28)) for b in boxes]
-        per_stage = [mask_probabilities(z, labels) for z in rh.mask_logits(st['features'], boxes, st['sizes'], st['semantic'])]
+        if sum(len(b) for b in boxes) == 0: return [b.new_zeros((0, 1, 28, 28)) for b in box_index]
+        per_stage = [[pair_mask_probabilities(zi, i, l) for zi, i, l in zip(z.split([len(b) for b in boxes]), box_index, labels)]
+                     for z in rh.mask_logits(st['features'], boxes, st['sizes'], st['semantic'])]
         return [sum(p[i] for p in per_stage) / len(per_stage) for i in range(len(boxes))]

@@ -184,7 +184,7 @@ def test_htc_notebook(repro):
     same run, and the steps it ran: an HTC from the Mask R-CNN's fixed backbone and RPN, calibrated per stage."""
     figs, runs = repro
     rows = json.loads((figs / 'htc_table_segm.json').read_text())
-    settings = ['baseline', '2fc_rand (cal)', '2fc_rand', '3fc_ft (cal)', '3fc_ft']
+    settings = ['baseline', '2fc_rand', '3fc_ft']
     assert [r['setting'] for r in rows if r['source'] == 'ours'] == settings
     paper = {r['setting']: r for r in rows if r['source'] == 'paper'}
     assert set(paper) == {'baseline', '2fc_rand', '3fc_ft'} and paper['3fc_ft']['AP'] == 33.4 and paper['3fc_ft']['APr'] == 24.7
@@ -207,7 +207,7 @@ def test_htc_notebook(repro):
     from simcal.calibration import load_calibration
     for h in ('2fc_rand', '3fc_ft'):
         assert len(load_calibration(runs / 'htc_cal_heads' / h / 'calibration.pt')['stage_heads']) == 2   # + 'head': 3 stages
-    assert len(json.loads((runs / 'htc_test' / 'variants.json').read_text())) == 5    # one pass, five ways
+    assert len(json.loads((runs / 'htc_test' / 'variants.json').read_text())) == 3    # one pass, three ways
 
 
 def torch_equal(x, y):
