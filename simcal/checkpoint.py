@@ -4,7 +4,7 @@
 
 # %% ../nbs/05b_checkpoint.ipynb #85f4e135
 from __future__ import annotations
-import json, pickle, zipfile
+import json, pickle, re, zipfile
 from pathlib import Path
 import torch
 from torch import nn
@@ -177,12 +177,22 @@ def preset_protocol(meta:dict) -> str:
 # %% ../nbs/05b_checkpoint.ipynb #9c0f36eb
 FREEZABLE = ('backbone', 'backbone.body', 'backbone.fpn', 'rpn')
 
+# a cascade's stage heads from a one-stage detector's heads (Mask R-CNN -> HTC): every stage starts from the same head
+_STAGE_FROM_SINGLE = [(re.compile(r'^roi_heads\.stages\.\d+\.box_head\.'), 'roi_heads.box_head.'),
+                      (re.compile(r'^roi_heads\.stages\.\d+\.box_predictor\.'), 'roi_heads.box_predictor.'),
+                      (re.compile(r'^roi_heads\.mask_heads\.\d+\.convs\.'), 'roi_heads.mask_head.'),
+                      (re.compile(r'^roi_heads\.mask_heads\.\d+\.predictor\.'), 'roi_heads.mask_predictor.')]
+
 def _source_key(key:str, source:dict) -> str|None:
-    "The source tensor for target `key`: the same name, or a plain conv's for a deformable conv (`X.conv2.conv.weight` <- `X.conv2.weight`)."
+    """The source tensor for target `key`: the same name; a plain conv's for a deformable conv (`X.conv2.conv.weight`
+    <- `X.conv2.weight`); a one-stage detector's box or mask head for each stage of a cascade."""
     if key in source: return key
     if '.conv2.conv.' in key:
         alt = key.replace('.conv2.conv.', '.conv2.')
         if alt in source: return alt
+    for pat, repl in _STAGE_FROM_SINGLE:
+        alt = pat.sub(repl, key)
+        if alt != key and alt in source: return alt
     return None
 
 def init_from_checkpoint(model:nn.Module, # a freshly built detector

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, importlib, sys
 
 # %% auto #0
-__all__ = ['COMMANDS', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'build_parser', 'main', 'worker_input_error']
 
 # %% ../nbs/90_cli.ipynb #3ce144e6
 # (command path, module, configure function, run function, one-line help)
@@ -80,6 +80,18 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"simcal: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:   # bad input met by a data-loading process (an image missing or unreadable)
+        msg = worker_input_error(e)
+        if msg is None: raise
+        print(f"simcal: error: {msg}", file=sys.stderr)
+        return 2
+
+def worker_input_error(e:BaseException) -> str|None:
+    "The message of an `InputError` raised in a DataLoader worker (which re-raises it as a `RuntimeError`), else None."
+    text = str(e)
+    if 'Caught InputError in DataLoader worker' not in text: return None
+    lines = [l for l in text.splitlines() if l.startswith(('simcal.core.InputError: ', 'InputError: '))]
+    return lines[-1].split('InputError: ', 1)[1] if lines else None
 
 # %% ../nbs/90_cli.ipynb #539054ef
 #| eval: false

@@ -204,6 +204,7 @@ def named_heads(values, # --cal-head values: 'CHECKPOINT' or 'NAME=CHECKPOINT'
 def plan_variants(heads:list, # `named_heads`: [(name, checkpoint)]
                   modes:list|None=None, # None: ['dual']
                   thresholds:list|None=None, # T values of 'dual' (None: each head's stored T)
+                  only:list|None=None, # keep only the combinations of these names (in this order)
                  ) -> list[dict]:
     """Every (head, mode, T) combination once: `{'name', 'head', 'cal_head', 'mode', 'dual_threshold'}`. 'orig' is one variant
     whatever the heads; T applies to 'dual' only. A name has the head (with several heads), the mode, and T (with several
@@ -220,7 +221,12 @@ def plan_variants(heads:list, # `named_heads`: [(name, checkpoint)]
                 label = f'dual_T{T:g}' if (mode == 'dual' and len(thresholds) > 1) else mode
                 out.append({'name': f'{name}.{label}' if len(heads) > 1 else label, 'head': name, 'cal_head': path,
                             'mode': mode, 'dual_threshold': T})
-    return out
+    if only is None: return out
+    by_name = {v['name']: v for v in out}
+    unknown = [n for n in only if n not in by_name]
+    if unknown: raise InputError('--variants', f"{unknown[0]!r} is not a combination of the heads, modes and thresholds "
+                                 f"given; they are: {', '.join(by_name)}")
+    return [by_name[n] for n in dict.fromkeys(only)]
 
 
 # %% ../nbs/00_core.ipynb #09451850

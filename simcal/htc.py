@@ -451,7 +451,8 @@ def build_htc_model(num_classes:int, # C + 1 (background is label 0); LVIS v0.5:
 
 # %% ../nbs/04b_htc.ipynb #793960fa
 HTC_FIELDS = ('dcn_stages', 'stage_ious', 'box_coder_weights', 'stage_loss_weights', 'stage_min_pos_iou', 'mask_info_flow',
-              'interleaved', 'semantic', 'semantic_classes', 'semantic_loss_weight', 'train_size_range', 'train_max_size')
+              'interleaved', 'semantic', 'semantic_classes', 'semantic_loss_weight', 'train_size_range', 'train_max_size',
+              'mask_class_agnostic')
 _DROPPED = ('class_agnostic', 'box_min_pos_iou', 'legacy_mmdet_v1')
 
 @dataclasses.dataclass(frozen=True)
@@ -473,6 +474,7 @@ class HTCPreset(DetectorPreset):
     semantic_loss_weight: float = 0.2
     train_size_range: tuple | None = (400, 1400)
     train_max_size: int | None = 1600
+    mask_class_agnostic: bool = False       # HTC's mask heads are class-specific (the demo's: one mask for every class)
     images_per_gpu: int = 1
     base_lr: float = 0.02
     base_batch: int = 16
@@ -510,8 +512,9 @@ class HTCPreset(DetectorPreset):
 HTC_PRESETS = {
     # LVIS v0.5 HTC X101-64x4d-DCN-MS with the semantic branch (beyond-mask-rcnn.md section 1)
     'htc_x101_lvis': HTCPreset('htc_x101_lvis'),
-    # the embedded synthetic set on CPU: the demo Mask R-CNN's sizes, three stages, DCN in c5 only, and the semantic
-    # branch on the set's maps (`simcal data synth --stuff-classes 3`: objects 0, stuff 1..3)
+    # the embedded synthetic set on CPU: the demo Mask R-CNN's sizes, three stages, DCN in c5 only, the semantic
+    # branch on the set's maps (`simcal data synth --stuff-classes 3`: objects 0, stuff 1..3), and class-agnostic masks
+    # as the demo Mask R-CNN's (a class-specific channel per class does not learn the rare classes' masks in a short run)
     'htc_demo': HTCPreset('htc_demo', num_classes=None, backbone='resnet18', norm='bn', trainable_layers=5,
                           imagenet_backbone=False, fpn_channels=32, box_head_dim=256, mask_head_convs=2,
                           mask_head_channels=32, min_size=128, max_size=128, anchor_sizes=(16, 32, 64, 128, 256),
@@ -519,6 +522,7 @@ HTC_PRESETS = {
                           rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=300, rpn_batch_size_per_image=128,
                           box_batch_size_per_image=64, rpn_allowed_border=None, rpn_min_pos_iou=None,
                           stage_min_pos_iou=False, dcn_stages=('layer4',), semantic=True, semantic_classes=4,
+                          mask_class_agnostic=True,
                           train_size_range=None, train_max_size=None,
                           images_per_gpu=2, base_lr=0.02, base_batch=4, warmup_iters=50,
                           epochs=None, iters=600, lr_steps=(400, 550)),

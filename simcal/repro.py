@@ -347,16 +347,18 @@ def test_variants(checkpoint, ann, image_root, out, # detector checkpoint, evalu
                   cal_heads:dict, # {name: calibration head checkpoint}
                   modes=('orig', 'cal', 'dual'), # combined with every head (`simcal.core.plan_variants`)
                   thresholds=None, # T values of mode 'dual' (None: each head's stored T)
+                  only:list|None=None, # only these of the combinations (variant names)
                   extra:list=(), # more `simcal test` options
                   **launch) -> dict:
     """One `simcal test` pass scoring the detector every (head, mode, T) way; returns `{variant name: metrics}` (each
     with its results path under 'results' and `{'head', 'mode', 'dual_threshold'}` under 'variant'), names as
     `simcal.core.plan_variants` gives them."""
     heads = [(str(n), str(p)) for n, p in cal_heads.items()]
-    variants = plan_variants(heads, list(modes), None if thresholds is None else list(thresholds))
+    variants = plan_variants(heads, list(modes), None if thresholds is None else list(thresholds), only)
     args = ['test', '--checkpoint', checkpoint, '--ann', ann, '--image-root', image_root, '--out', out, '--stats', stats,
             '--protocol', protocol, '--cal-head', *[f'{n}={p}' for n, p in heads], '--mode', *modes,
-            *(['--dual-threshold', *thresholds] if thresholds is not None else []), *extra]
+            *(['--dual-threshold', *thresholds] if thresholds is not None else []),
+            *(['--variants', *only] if only is not None else []), *extra]
     dirs = {v['name']: Path(out) / v['name'] if len(variants) > 1 else Path(out) for v in variants}
     def summary():
         segm = {n: load_json(d / 'metrics.json')['segm'] for n, d in dirs.items()}

@@ -46,6 +46,8 @@ def configure_test_parser(parser:argparse.ArgumentParser) -> None:
     p.add_argument('--mode', nargs='+', default=None, choices=['orig', 'cal', 'dual', 'avg'], help="how to combine the heads (needs --cal-head; default with it: 'dual')")
     add_oracle_arguments(p)
     p.add_argument('--dual-threshold', nargs='+', type=non_negative_float, default=None, help="classes with fewer training instances take the calibrated scores (default: the T stored with the calibration head)")
+    p.add_argument('--variants', nargs='+', default=None, metavar='NAME', help='only these of the combinations of '
+                   '--cal-head, --mode and --dual-threshold (names as their folders: orig, dual, 3fc_ft.dual_T4, ...)')
     p.add_argument('--batch-size', type=positive_int, default=1, help='images per forward pass and process')
     p.add_argument('--num-workers', type=non_negative_int, default=2, help='data-loading processes per rank')
     p.add_argument('--amp', action='store_true', help='autocast: FP16 on GPU, bfloat16 on CPU')
@@ -89,7 +91,7 @@ def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, ma
                   iou_types=('bbox', 'segm'), evaluate=True, cal_head=None, mode=None, dual_threshold=None,
                   batch_size=1, num_workers=2, amp=False, device=None, progress=True, segm_with_bbox=False,
                   oracle=None, oracle_score='one', allow=(), correction=None, strength=None, search_strength=False,
-                  train_ann=None, train_image_root=None, heldout_fraction=0.1, retrained=None) -> dict:
+                  train_ann=None, train_image_root=None, heldout_fraction=0.1, retrained=None, variants=None) -> dict:
     """The whole of `simcal test`: `{'results': path, 'results_segm': path, 'metrics': path or None, 'num_results': n}` (rank 0).
     `cal_head`, `mode` and `dual_threshold` may be lists: with more than one combination (`plan_variants`), one pass
     writes each variant in `out_dir/NAME/` and returns `{'variants': {NAME: the above}, 'index': variants.json}`."""
@@ -110,12 +112,14 @@ def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, ma
     if search_strength and (train_ann is None or train_image_root is None):
         raise InputError('--search-strength', 'needs the training set: pass --train-ann and --train-image-root')
     if cal_head is None and modes not in (None, ['orig']):
-        raise InputError('--mode', f"{' '.join(modes)}: combines the detector's head with a calibration head: pass --cal-head")
+        raise InputError('--mode', f"{' '.join(repr(m) for m in modes if m != 'orig')} combines the detector's head with a "
+                         "calibration head: pass --cal-head")
     if cal_head is None and thresholds is not None:
         raise InputError('--dual-threshold', 'applies to a calibration head: pass --cal-head')
     if thresholds is not None and 'dual' not in (modes or ['dual']):
         raise InputError('--dual-threshold', f"applies to mode dual, not {' '.join(modes)}")
-    variants = plan_variants(heads, modes, thresholds) if heads else []
+    if variants is not None and not heads: raise InputError('--variants', 'choose among combinations of calibration heads: pass --cal-head')
+    variants = plan_variants(heads, modes, thresholds, only=variants) if heads else []
     info = init_distributed(device)
     model, meta = load_detector(checkpoint, device=info.device)
     label_map = LabelMap(meta['category_ids'], dict(zip(meta['category_ids'], meta.get('category_names') or [])) or None)
@@ -207,7 +211,7 @@ def run_test(args) -> int:
                             allow=args.allow, correction=args.correction, strength=args.strength,
                             search_strength=args.search_strength, train_ann=args.train_ann,
                             train_image_root=args.train_image_root, heldout_fraction=args.heldout_fraction,
-                            retrained=args.retrained)
+                            retrained=args.retrained, variants=args.variants)
         if is_main_process():
             for name, r in (res['variants'].items() if 'variants' in res else [(None, res)]):
                 print((f'{name}: ' if name else '') + f"{r['num_results']} detections -> {r['results']}" +

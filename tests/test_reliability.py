@@ -459,3 +459,16 @@ def test_test_allowed_other_detector_and_empty_results(pipe, tmp_path):
     assert json.loads((out / 'results_segm.json').read_text()) == [] == json.loads((out / 'results.json').read_text())
     m = json.loads((out / 'metrics.json').read_text())
     assert m['segm']['AP'] == 0.0 == m['bbox']['AP']
+
+
+def test_missing_image_met_by_a_loading_process_is_one_message(pipe, tmp_path):
+    "An image missing from disk, met by a data-loading process mid-run: one message naming file, record and field."
+    import shutil
+    root = tmp_path / 'images'; shutil.copytree(pipe['root'], root)
+    gt = json.loads(Path(pipe['ann']).read_text())
+    victim = gt['images'][0]
+    (root / victim['file_name']).unlink()
+    code, err = run(['train', '--train-ann', pipe['ann'], '--image-root', root, '--out', tmp_path / 'out', '--iters', 4,
+                     '--batch-per-gpu', 3, '--num-workers', 1, '--no-progress', '--set'] + TINY)
+    assert code == 2 and 'image file not found' in err and "field 'file_name'" in err and f"id={victim['id']}" in err, err
+    assert 'Traceback' not in err
