@@ -20,7 +20,7 @@ from .comm import get_rank, get_world_size, barrier, init_distributed, cleanup_d
 from .checkpoint import load_detector, check_dataset_classes, preset_protocol
 import simcal.htc_adapter   # registers the HTC adapter: calibration, testing and retraining take HTC checkpoints
 from .detector import DetectorAdapter, as_detector
-from .data import uint8_items
+from .data import uint8_items, loader_workers
 
 # %% auto #0
 __all__ = ['HEAD_KINDS', 'DUAL_MODES', 'CALIBRATION_FORMAT', 'CALIBRATION_FILE', 'LOG_FILE', 'CalibrationHead',
@@ -30,7 +30,7 @@ __all__ = ['HEAD_KINDS', 'DUAL_MODES', 'CALIBRATION_FORMAT', 'CALIBRATION_FILE',
            'calibration_head_from', 'check_head_fits', 'check_same_categories', 'calibration_scorer',
            'attach_calibration', 'detach_calibration', 'set_dual_mode', 'combine_dual_results', 'detections_to_records',
            'calibration_lr_steps', 'calibration_lr', 'compose_calibration_batch', 'freeze_detector', 'StageHeads',
-           'read_log', 'head_kinds', 'head_dirs', 'calibrate', 'loader_workers', 'add_frozen_detector_arguments',
+           'read_log', 'head_kinds', 'head_dirs', 'calibrate', 'add_frozen_detector_arguments',
            'configure_calibrate_parser', 'run_calibrate']
 
 # %% ../nbs/07_calibration.ipynb #5a46eb30
@@ -664,13 +664,6 @@ def calibrate(model, # trained detector (frozen here): a model or a `DetectorAda
     return final
 
 # %% ../nbs/07_calibration.ipynb #8021d720
-def loader_workers(num_workers:int|None, # the --num-workers given (None: not given)
-                   device, # this rank's device
-                  ) -> int:
-    "Image-loading processes: as given, else 2 on a GPU and 0 on the CPU (where they would take the step's own cores)."
-    if num_workers is not None: return int(num_workers)
-    return 2 if torch.device(device).type == 'cuda' else 0
-
 def add_frozen_detector_arguments(p, # an argparse parser
                                   out_help:str, # what --out holds
                                  ) -> None:

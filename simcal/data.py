@@ -19,8 +19,8 @@ from .checks import add_allow_argument, check_categories, check_ground_truth, ch
 # %% auto #0
 __all__ = ['LabelMap', 'validate_annotations', 'is_lvis', 'CategoryStats', 'segmentation_to_mask', 'DetectionDataset',
            'COCODataset', 'LVISDataset', 'load_detection_dataset', 'collate_detection', 'Uint8Items', 'uint8_items',
-           'image_to_device', 'rebuild_coco_lt', 'configure_stats_parser', 'run_stats', 'configure_coco_lt_parser',
-           'run_coco_lt']
+           'loader_workers', 'image_to_device', 'rebuild_coco_lt', 'configure_stats_parser', 'run_stats',
+           'configure_coco_lt_parser', 'run_coco_lt']
 
 # %% ../nbs/01_data.ipynb #52ac33e7
 class LabelMap:
@@ -518,6 +518,13 @@ def uint8_items(dataset):
     "`Uint8Items(dataset)` for a simcal dataset without transforms (they take float images), else the dataset itself."
     ok = all(hasattr(dataset, a) for a in ('load_image', 'target')) and getattr(dataset, 'transforms', None) is None
     return Uint8Items(dataset) if ok else dataset
+
+def loader_workers(num_workers:int|None, # the --num-workers given (None: not given)
+                   device, # this rank's device
+                  ) -> int:
+    "Image-loading processes: as given, else 2 on a GPU and 0 on the CPU (where they would take the step's own cores)."
+    if num_workers is not None: return int(num_workers)
+    return 2 if torch.device(device).type == 'cuda' else 0
 
 def image_to_device(image:torch.Tensor, # uint8 (as the loaders send it) or float image
                     device, # where the model runs

@@ -18,6 +18,7 @@ from .detector import as_detector
 from .longtail import (CorrectionScorer, HeadScorer, counts_per_label, tau_norm_head, heldout_split,
                              search_hyperparameter, NORCAL_GAMMAS, LOGIT_ADJUSTMENT_TAUS, TAU_NORM_TAUS)
 from .retrain import attach_retrained
+from .data import loader_workers
 from .comm import all_gather_objects
 from .oracle import add_oracle_arguments, run_oracle
 
@@ -49,7 +50,8 @@ def configure_test_parser(parser:argparse.ArgumentParser) -> None:
     p.add_argument('--variants', nargs='+', default=None, metavar='NAME', help='only these of the combinations of '
                    '--cal-head, --mode and --dual-threshold (names as their folders: orig, dual, 3fc_ft.dual_T4, ...)')
     p.add_argument('--batch-size', type=positive_int, default=1, help='images per forward pass and process')
-    p.add_argument('--num-workers', type=non_negative_int, default=2, help='data-loading processes per rank')
+    p.add_argument('--num-workers', type=non_negative_int, default=None, help='data-loading processes per rank (default: '
+                   '2 on GPU, 0 on CPU, where loader processes would take the cores the step uses)')
     p.add_argument('--amp', action='store_true', help='autocast: FP16 on GPU, bfloat16 on CPU')
     p.add_argument('--segm-with-bbox', action='store_true', help='keep the box in the mask records (the release writes none, '
                    'so that the mask gives the area and empty masks are not evaluated)')
@@ -89,7 +91,7 @@ def _as_list(x): return None if x is None else list(x) if isinstance(x, (list, t
 
 def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, max_dets=None, protocol=None, stats=None,
                   iou_types=('bbox', 'segm'), evaluate=True, cal_head=None, mode=None, dual_threshold=None,
-                  batch_size=1, num_workers=2, amp=False, device=None, progress=True, segm_with_bbox=False,
+                  batch_size=1, num_workers=None, amp=False, device=None, progress=True, segm_with_bbox=False,
                   oracle=None, oracle_score='one', allow=(), correction=None, strength=None, search_strength=False,
                   train_ann=None, train_image_root=None, heldout_fraction=0.1, retrained=None, variants=None) -> dict:
     """The whole of `simcal test`: `{'results': path, 'results_segm': path, 'metrics': path or None, 'num_results': n}` (rank 0).
@@ -121,6 +123,7 @@ def test_detector(checkpoint, ann, image_root, out_dir, *, score_thresh=None, ma
     if variants is not None and not heads: raise InputError('--variants', 'choose among combinations of calibration heads: pass --cal-head')
     variants = plan_variants(heads, modes, thresholds, only=variants) if heads else []
     info = init_distributed(device)
+    num_workers = loader_workers(num_workers, info.device)   # None: 2 on GPU, 0 on CPU
     model, meta = load_detector(checkpoint, device=info.device)
     label_map = LabelMap(meta['category_ids'], dict(zip(meta['category_ids'], meta.get('category_names') or [])) or None)
     check_classes(meta, LabelMap.from_file(ann), ann, checkpoint, exact=False)

@@ -19,7 +19,7 @@ from .comm import init_distributed, cleanup_distributed, barrier, is_main_proces
 from .checkpoint import (save_checkpoint, load_checkpoint, load_model_state, make_meta, ALL_PRESETS,
                                build_detector_from, load_imagenet_weights, init_from_checkpoint, freeze_parts, FREEZABLE)
 from .detector import hflip_batch
-from .data import image_to_device, uint8_items
+from .data import image_to_device, uint8_items, loader_workers
 
 # %% auto #0
 __all__ = ['RESUME_KEYS', 'RUN_FILES', 'GroupedBatchSchedule', 'WarmupMultiStep', 'schedule_iters', 'step_seed', 'to_device',
@@ -213,7 +213,7 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
                    amp:bool=False, # mixed precision: autocast (+ gradient scaler for float16)
                    amp_dtype:str|None=None, # 'float16' or 'bfloat16'; default: float16 on CUDA, bfloat16 on CPU
                    deterministic:bool=False, # deterministic algorithms (bitwise-reproducible on CPU)
-                   num_workers:int=2, # data-loading processes per rank
+                   num_workers:int|None=None, # data-loading processes per rank (None: 2 on GPU, 0 on CPU)
                    backbone_weights:str|Path|None=None, # ImageNet ResNet state dict for presets that start from it
                    log_every:int=20, # iterations per metrics line
                    device:str|None=None, # default: this rank's GPU, else CPU
@@ -329,7 +329,8 @@ def train_detector(train_ann, # training annotations (LVIS/COCO JSON)
           if info.distributed else model
     # -- data
     sched.start_iter, sched.num_iters = start, total
-    loader = torch.utils.data.DataLoader(uint8_items(ds), batch_sampler=sched, num_workers=num_workers, collate_fn=collate_detection,
+    loader = torch.utils.data.DataLoader(uint8_items(ds), batch_sampler=sched, num_workers=loader_workers(num_workers, info.device),
+                                         collate_fn=collate_detection,
                                          pin_memory=info.device.type == 'cuda', persistent_workers=False)
     log_path = out_dir / 'metrics.jsonl'
     if info.is_main:
@@ -432,7 +433,8 @@ def configure_train_parser(parser:argparse.ArgumentParser) -> None:
     p.add_argument('--amp', action='store_true', help='mixed precision: autocast FP16 + gradient scaler on GPU, bfloat16 on CPU')
     p.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'], help='autocast type of --amp (default: float16 on GPU, bfloat16 on CPU)')
     p.add_argument('--deterministic', action='store_true', help='deterministic algorithms: bitwise-reproducible on CPU; on GPU only cuDNN is made deterministic')
-    p.add_argument('--num-workers', type=non_negative_int, default=2, help='data-loading processes per rank')
+    p.add_argument('--num-workers', type=non_negative_int, default=None, help='data-loading processes per rank (default: '
+                   '2 on GPU, 0 on CPU, where loader processes would take the cores the step uses)')
     p.add_argument('--backbone-weights', default=None, help='ImageNet ResNet state dict (torchvision format) for presets that start from it')
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='NAME=VALUE', help='change preset settings (see simcal.model.DetectorPreset)')
     p.add_argument('--log-every', type=positive_int, default=20, help='iterations per line of metrics.jsonl')
