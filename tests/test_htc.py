@@ -11,8 +11,9 @@ TINY = dict(dcn_stages=(), fpn_channels=16, box_head_dim=64, mask_head_convs=1, 
             box_batch_size_per_image=32, box_detections_per_img=20, semantic=False)
 
 def tiny(num_classes=4, **kw):
+    "The demo preset at a tiny size, with HTC's class-specific masks (the paper's; the demo preset's are agnostic)."
     torch.manual_seed(0)
-    return H.build_htc('htc_demo', num_classes, **{**TINY, **kw})
+    return H.build_htc('htc_demo', num_classes, **{**TINY, 'mask_class_agnostic': False, **kw})
 
 def target(h=64, w=64, sem_classes=None):
     b = torch.tensor([[4., 4., 30., 28.], [24., 20., 60., 58.]])
