@@ -575,8 +575,10 @@ def run_repro(args) -> int:
     unknown = set(params) - set().union(*map(set, declared.values()))
     if unknown: raise InputError(' '.join(names), f"no notebook takes the parameter(s) {', '.join(sorted(unknown))}")
     t0, times = time.time(), {}
-    # SIGTERM and SIGHUP unwind like Ctrl-C, so papermill shuts the kernel down (and the kernel's steps die with it)
-    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)} \
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so papermill shuts the kernel down (and the kernel's steps die with it);
+    # Ctrl-C too, through the same handler: with Python's default one, asyncio's runner (inside papermill) may take the
+    # first SIGINT to cancel a task, and the run would go on
+    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)} \
         if threading.current_thread() is threading.main_thread() else {}
     with tempfile.TemporaryDirectory(prefix='simcal-repro-') as tmp:
         status = Path(tmp) / 'status.jsonl'
