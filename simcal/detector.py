@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 from torchvision.ops import boxes as box_ops
 from .data import image_to_device
-from .model import mask_probabilities
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'hflip_batch', 'DetectorAdapter', 'register_adapter', 'as_detector', 'variants_by_forwards',

@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .htc import HTCRoIHeads, refine_boxes, sample_stage, postprocess_probabilities
-from .model import mask_probabilities
 from .data import image_to_device
 from .detector import (DetectorAdapter, hflip_batch, register_adapter, roi_sampling_settings,
                              train_proposal_counts, detect_variants_shared, pair_mask_probabilities)
